@@ -1,0 +1,21 @@
+"""jax_flash: FlashAttention for JAX.
+
+`flash_attention` is the one entry point; it runs CUDA kernels on NVIDIA GPUs
+and a pure-JAX blockwise implementation with the same O(S) memory everywhere
+else.
+"""
+
+from jax_flash.attention import flash_attention
+from jax_flash.config import MAX_HEAD_DIM, AttentionConfig, MaskArrays
+from jax_flash.first_order import HigherOrderDerivativeError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "flash_attention",
+    "AttentionConfig",
+    "MaskArrays",
+    "MAX_HEAD_DIM",
+    "HigherOrderDerivativeError",
+    "__version__",
+]
