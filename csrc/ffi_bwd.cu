@@ -1,0 +1,259 @@
+// XLA FFI handler of the backward pass, `jax_flash_bwd` (symbol JaxFlashBwd),
+// and `jax_flash_bwd_workspace_bytes`; see docs/ffi_contract.md.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "flash.h"
+#include "flash_bwd_tile_size.h"
+#include "kernel_list.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_flash {
+
+// Defined in the generated flash_bwd_hdim*_*.cu files.
+template <typename T, int kHeadDim>
+void run_mha_bwd_(const BwdParams& p, cudaStream_t stream);
+
+namespace {
+
+// Runs the compiled instantiation for (dtype, head dim); false if none.
+bool dispatch_bwd(const BwdParams& p, cudaStream_t stream) {
+#define JAX_FLASH_BWD_CASE(T, dtype_tag, D)                    \
+  if (p.is_bf16 == std::is_same_v<T, __nv_bfloat16> &&         \
+      p.head_dim == D) {                                       \
+    run_mha_bwd_<T, D>(p, stream);                             \
+    return true;                                               \
+  }
+  JAX_FLASH_BWD_KERNELS(JAX_FLASH_BWD_CASE)
+#undef JAX_FLASH_BWD_CASE
+  return false;
+}
+
+std::string shape_text(ffi::AnyBuffer::Dimensions dims) {
+  std::string text = "(";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(dims[i]);
+  }
+  return text + ")";
+}
+
+// An error unless `buffer` has exactly the dimensions `want`.
+ffi::Error expect_shape(const char* name, ffi::AnyBuffer::Dimensions dims,
+                        std::initializer_list<int64_t> want) {
+  bool same = dims.size() == want.size();
+  for (size_t i = 0; same && i < dims.size(); ++i) {
+    same = dims[i] == want.begin()[i];
+  }
+  if (same) return ffi::Error::Success();
+  std::string wanted = "(";
+  for (int64_t d : want) wanted += std::to_string(d) + ",";
+  return ffi::Error::InvalidArgument(std::string("jax_flash_bwd: ") + name +
+                                     " has shape " + shape_text(dims) +
+                                     ", expected " + wanted + ")");
+}
+
+// An optional operand is either empty or of shape `want`; returns its data
+// or nullptr.
+template <typename Buffer>
+ffi::Error optional_operand(const char* name, const Buffer& buffer,
+                            std::initializer_list<int64_t> want,
+                            const void** data) {
+  *data = nullptr;
+  if (buffer.element_count() == 0) return ffi::Error::Success();
+  ffi::Error e = expect_shape(name, buffer.dimensions(), want);
+  if (e.failure()) return e;
+  *data = buffer.untyped_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error JaxFlashBwdImpl(
+    cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+    ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
+    ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::S32> q_segment_ids,
+    ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Buffer<ffi::S32> q_lengths,
+    ffi::Buffer<ffi::S32> kv_lengths, ffi::Result<ffi::AnyBuffer> dq,
+    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+    ffi::Result<ffi::Buffer<ffi::F32>> dalibi,
+    ffi::Result<ffi::Buffer<ffi::U8>> workspace, float softmax_scale,
+    int32_t window_left, int32_t window_right, float softcap,
+    bool deterministic) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
+    return ffi::Error::InvalidArgument(
+        "jax_flash_bwd: q, k, v must be (B, S, heads, D), got " +
+        shape_text(qd) + ", " + shape_text(kd) + ", " + shape_text(vd));
+  }
+  const int64_t B = qd[0], Sq = qd[1], H = qd[2], D = qd[3];
+  const int64_t Sk = kd[1], Hkv = kd[2], Dv = vd[3];
+  const ffi::DataType dtype = q.element_type();
+  if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument("jax_flash_bwd: q must be bf16 or f16");
+  }
+  for (const ffi::AnyBuffer* t : {&k, &v, &out, &dout}) {
+    if (t->element_type() != dtype) {
+      return ffi::Error::InvalidArgument(
+          "jax_flash_bwd: q, k, v, out, dout must share one dtype");
+    }
+  }
+  if (Hkv <= 0 || H % Hkv != 0 || D != Dv) {
+    return ffi::Error::InvalidArgument(
+        "jax_flash_bwd: need H % Hkv == 0 and D == Dv, got q " +
+        shape_text(qd) + ", k " + shape_text(kd) + ", v " + shape_text(vd));
+  }
+  ffi::Error e = expect_shape("k", kd, {B, Sk, Hkv, D});
+  if (e.success()) e = expect_shape("v", vd, {B, Sk, Hkv, Dv});
+  if (e.success()) e = expect_shape("out", out.dimensions(), {B, Sq, H, Dv});
+  if (e.success()) e = expect_shape("dout", dout.dimensions(), {B, Sq, H, Dv});
+  if (e.success()) e = expect_shape("lse", lse.dimensions(), {B, H, Sq});
+  if (e.failure()) return e;
+
+  BwdParams p;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = const_cast<void*>(out.untyped_data());
+  p.dout = dout.untyped_data();
+  p.lse = const_cast<float*>(lse.typed_data());
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  // Dense (B, S, heads, D) strides, in elements.
+  p.q_batch_stride = p.dq_batch_stride = Sq * H * D;
+  p.q_row_stride = p.dq_row_stride = H * D;
+  p.q_head_stride = p.dq_head_stride = D;
+  p.k_batch_stride = p.dk_batch_stride = Sk * Hkv * D;
+  p.k_row_stride = p.dk_row_stride = Hkv * D;
+  p.k_head_stride = p.dk_head_stride = D;
+  p.v_batch_stride = p.dv_batch_stride = Sk * Hkv * Dv;
+  p.v_row_stride = p.dv_row_stride = Hkv * Dv;
+  p.v_head_stride = p.dv_head_stride = Dv;
+  p.out_batch_stride = p.dout_batch_stride = Sq * H * Dv;
+  p.out_row_stride = p.dout_row_stride = H * Dv;
+  p.out_head_stride = p.dout_head_stride = Dv;
+  p.batch = static_cast<int>(B);
+  p.seqlen_q = static_cast<int>(Sq);
+  p.seqlen_k = static_cast<int>(Sk);
+  p.num_heads = static_cast<int>(H);
+  p.num_heads_kv = static_cast<int>(Hkv);
+  p.head_dim = static_cast<int>(D);
+  p.head_dim_v = static_cast<int>(Dv);
+  p.softmax_scale = softmax_scale;
+  p.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.softcap = softcap;
+  p.is_bf16 = dtype == ffi::DataType::BF16;
+  p.deterministic = deterministic;
+
+  const void* data = nullptr;
+  e = optional_operand("alibi_slopes", alibi_slopes, {B, H}, &data);
+  p.alibi_slopes = static_cast<const float*>(data);
+  if (e.success()) {
+    e = optional_operand("q_segment_ids", q_segment_ids, {B, Sq}, &data);
+    p.q_segment_ids = static_cast<const int32_t*>(data);
+  }
+  if (e.success()) {
+    e = optional_operand("kv_segment_ids", kv_segment_ids, {B, Sk}, &data);
+    p.kv_segment_ids = static_cast<const int32_t*>(data);
+  }
+  if (e.success()) {
+    e = optional_operand("q_lengths", q_lengths, {B}, &data);
+    p.q_lengths = static_cast<const int32_t*>(data);
+  }
+  if (e.success()) {
+    e = optional_operand("kv_lengths", kv_lengths, {B}, &data);
+    p.kv_lengths = static_cast<const int32_t*>(data);
+  }
+  if (e.failure()) return e;
+  if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
+    return ffi::Error::InvalidArgument(
+        "jax_flash_bwd: q_segment_ids and kv_segment_ids come together");
+  }
+  if (p.alibi_slopes != nullptr) {
+    e = expect_shape("dalibi", dalibi->dimensions(), {B, H});
+    if (e.failure()) return e;
+    p.dalibi = dalibi->typed_data();
+  }
+
+  const BwdWorkspaceLayout layout =
+      BwdWorkspaceLayout::make(B, Sq, Sk, H, D, deterministic);
+  if (static_cast<int64_t>(workspace->element_count()) < layout.total) {
+    return ffi::Error::InvalidArgument(
+        "jax_flash_bwd: workspace of " +
+        std::to_string(workspace->element_count()) + " bytes, need " +
+        std::to_string(layout.total));
+  }
+  p.workspace = workspace->untyped_data();
+  p.workspace_bytes = layout.total;
+  if (B == 0 || Sq == 0 || H == 0) return ffi::Error::Success();
+
+  int device = 0;
+  cudaGetDevice(&device);
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
+  p.arch = 10 * major + minor;
+
+  const std::string what = std::string("jax_flash_bwd (") +
+                           (p.is_bf16 ? "bf16" : "f16") + ", D=" +
+                           std::to_string(D) + ")";
+  if (!dispatch_bwd(p, stream)) {
+    return ffi::Error::InvalidArgument(what + ": not compiled in this build");
+  }
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) {
+    return ffi::Error::Internal(
+        what + ": launch of bwd_preprocess_kernel / flash_bwd_kernel / "
+        "bwd_convert_dq_kernel failed: " + cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_flash
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxFlashBwd, jax_flash::JaxFlashBwdImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream of the call
+        .Arg<ffi::AnyBuffer>()            // q (B, Sq, H, D) T
+        .Arg<ffi::AnyBuffer>()            // k (B, Sk, Hkv, D) T
+        .Arg<ffi::AnyBuffer>()            // v (B, Sk, Hkv, Dv) T
+        .Arg<ffi::AnyBuffer>()            // out (B, Sq, H, Dv) T
+        .Arg<ffi::AnyBuffer>()            // dout (B, Sq, H, Dv) T
+        .Arg<ffi::Buffer<ffi::F32>>()     // lse (B, H, Sq), natural log
+        .Arg<ffi::Buffer<ffi::F32>>()     // alibi_slopes (B, H) or (0,)
+        .Arg<ffi::Buffer<ffi::S32>>()     // q_segment_ids (B, Sq) or (0,)
+        .Arg<ffi::Buffer<ffi::S32>>()     // kv_segment_ids (B, Sk) or (0,)
+        .Arg<ffi::Buffer<ffi::S32>>()     // q_lengths (B,) or (0,)
+        .Arg<ffi::Buffer<ffi::S32>>()     // kv_lengths (B,) or (0,)
+        .Ret<ffi::AnyBuffer>()            // dq, shape and dtype of q
+        .Ret<ffi::AnyBuffer>()            // dk, shape and dtype of k
+        .Ret<ffi::AnyBuffer>()            // dv, shape and dtype of v
+        .Ret<ffi::Buffer<ffi::F32>>()     // dalibi (B, H) or (0,)
+        .Ret<ffi::Buffer<ffi::U8>>()      // workspace, scratch bytes
+        .Attr<float>("softmax_scale")     // multiplies q.k first
+        .Attr<int32_t>("window_left")     // -1 = unbounded
+        .Attr<int32_t>("window_right")    // -1 = unbounded; causal is 0
+        .Attr<float>("softcap")           // 0 = off
+        .Attr<bool>("deterministic"),     // bitwise reproducible gradients
+    {ffi::Traits::kCmdBufferCompatible});
+
+extern "C" int64_t jax_flash_bwd_workspace_bytes(int64_t B, int64_t Sq,
+                                                 int64_t Sk, int64_t H,
+                                                 int64_t Hkv, int64_t D,
+                                                 int64_t Dv,
+                                                 int32_t deterministic) {
+  (void)Hkv;  // dK and dV need no scratch: GQA groups are summed in-CTA.
+  (void)Dv;   // D == Dv (docs/ffi_contract.md).
+  return jax_flash::BwdWorkspaceLayout::make(B, Sq, Sk, H, D,
+                                             deterministic != 0).total;
+}

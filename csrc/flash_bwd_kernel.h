@@ -1,0 +1,396 @@
+// Main backward kernel (FlashAttention-2 style): one CTA per (key tile, b,
+// kv head). K and V of the tile stay in shared memory; the CTA walks the
+// query tiles that see the tile, for every query head of its GQA group, and
+//   S  = Q K^T           recomputed, P = exp(logits(S) - lse)
+//   dP = dO V^T
+//   dS = P * (dP - delta), through the softcap derivative
+//   dV += P^T dO,  dK += dS^T Q   (registers, summed over the group's heads)
+//   dQ += dS K                    (float32 atomics into the workspace)
+// GQA: looping the group's heads inside the CTA keeps dK and dV in registers
+// (no workspace, no second reduction kernel, deterministic by construction),
+// at the price of B * Hkv * Sk / kBlockN CTAs instead of B * H * Sk / kBlockN.
+// Deterministic mode orders the dQ additions: the CTA of key tile n adds to
+// query tile m only after the CTAs of key tiles 0..n-1 have (a semaphore per
+// (b, h, m) counts them), so every float sum runs in the same order.
+#pragma once
+
+#include <cmath>
+
+#include "flash.h"
+#include "flash_bwd_preprocess.h"
+#include "flash_bwd_tile_size.h"
+#include "flash_bwd_warp_mma.h"
+#include "mask.h"
+#include "tile_size.h"
+#include "utils.h"
+
+namespace jax_flash {
+
+template <typename T_, int kHeadDim_>
+struct BwdKernelTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = bwd_block_m(kHeadDim);
+  static constexpr int kBlockN = bwd_block_n(kHeadDim);
+  static constexpr int kThreads = kBwdThreads;
+  static constexpr int kPitch = smem_row_pitch(kHeadDim);   // Q, dO, K, V
+  static constexpr int kPitchP = smem_row_pitch(kBlockN);   // P, dS
+  // Elements of one tile in shared memory.
+  static constexpr int kTileQ = kBlockM * kPitch;
+  static constexpr int kTileK = kBlockN * kPitch;
+  static constexpr int kTileP = kBlockM * kPitchP;
+  // K, V; Q and dO twice (the next query tile loads during this one); P, dS;
+  // 8 floats for block reductions.
+  static constexpr int kSmemBytes =
+      (2 * kTileK + 4 * kTileQ + 2 * kTileP) * sizeof(T) + 8 * sizeof(float);
+  static_assert(kSmemBytes <= 227 * 1024, "over the sm80/sm90 CTA limit");
+
+  // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
+  static constexpr int kSM16 = kBlockM / 2 / 16;
+  static constexpr int kSN8 = kBlockN / 4 / 8;
+  // dK and dV (kBlockN x D): 4 x 2 warps.
+  static constexpr int kKvM16 = kBlockN / 4 / 16;
+  static constexpr int kKvN8 = kHeadDim / 2 / 8;
+  // dQ (kBlockM x D): 4 x 2 warps.
+  static constexpr int kQM16 = kBlockM / 4 / 16;
+  static constexpr int kQN8 = kHeadDim / 2 / 8;
+};
+
+// Copies rows [0, kRows) of a (S, heads, D)-strided tile into a padded
+// shared-memory tile of row pitch kPitch; rows at or past `valid_rows` become zeros.
+template <int kRows, int kHeadDim, int kPitch, typename T>
+__device__ __forceinline__ void load_rows(T* dst, const T* src,
+                                          int64_t row_stride, int valid_rows,
+                                          const void* any_valid_address) {
+  constexpr int kChunks = kHeadDim / 8;
+#pragma unroll
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kBwdThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = r < valid_rows;
+    cp_async_16(smem_addr(dst + r * kPitch + col),
+                ok ? static_cast<const void*>(src + r * row_stride + col)
+                   : any_valid_address,
+                ok);
+  }
+}
+
+// Deterministic mode: wait until `*sem == expected`; all threads return
+// after thread 0 saw it.
+__device__ __forceinline__ void semaphore_wait(const int* sem, int expected) {
+  if (threadIdx.x == 0) {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n"
+                   : "=r"(seen) : "l"(sem) : "memory");
+    } while (seen != expected);
+  }
+  __syncthreads();
+}
+
+// Publishes this CTA's earlier global writes, then sets `*sem = value`.
+__device__ __forceinline__ void semaphore_signal(int* sem, int value) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;\n"
+                 :: "l"(sem), "r"(value) : "memory");
+  }
+}
+
+// Sum of `x` over the CTA, valid in thread 0; `scratch` holds 8 floats.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, off);
+  }
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kBwdThreads / 32; ++w) total += scratch[w];
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(kBwdThreads, 1)
+flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
+  using T = typename Traits::T;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kPitch = Traits::kPitch, kPitchP = Traits::kPitchP;
+  constexpr int kSM16 = Traits::kSM16, kSN8 = Traits::kSN8;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ __align__(16) char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + Traits::kTileK;
+  T* sQ = sV + Traits::kTileK;       // 2 stages
+  T* sdO = sQ + 2 * Traits::kTileQ;  // 2 stages
+  T* sP = sdO + 2 * Traits::kTileQ;
+  T* sdS = sP + Traits::kTileP;
+  float* s_reduce = reinterpret_cast<float*>(sdS + Traits::kTileP);
+
+  const int n_block = blockIdx.x, b = blockIdx.y, h_kv = blockIdx.z;
+  const int group = p.num_heads / p.num_heads_kv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
+  const int n0 = n_block * kBlockN;
+  const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  const int num_n_blocks = gridDim.x;
+  const AttentionMask mask = AttentionMask::make(p, b);
+
+  // Query tiles [m_begin, m_end) see some key of this tile.
+  int m_begin = 0, m_end = 0;
+  if (n0 < mask.kv_len) {
+    const int q_begin = mask.query_begin(n0);
+    const int q_end = mask.query_end(n0 + kBlockN);
+    if (q_begin < q_end) {
+      m_begin = q_begin / kBlockM;
+      m_end = ceil_div(q_end, kBlockM);
+    }
+  }
+  const int steps_per_head = m_end - m_begin;
+  const int num_steps = group * steps_per_head;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride +
+               n0 * p.k_row_stride + h_kv * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride +
+               n0 * p.v_row_stride + h_kv * p.v_head_stride;
+  load_rows<kBlockN, kHeadDim, kPitch>(sK, k, p.k_row_stride, p.seqlen_k - n0, p.k);
+  load_rows<kBlockN, kHeadDim, kPitch>(sV, v, p.v_row_stride, p.seqlen_k - n0, p.v);
+  // Q and dO of step `step` into buffer `stage`.
+  auto load_q_do = [&](int step, int stage) {
+    const int h = h_kv * group + step / steps_per_head;
+    const int m0 = (m_begin + step % steps_per_head) * kBlockM;
+    load_rows<kBlockM, kHeadDim, kPitch>(
+        sQ + stage * Traits::kTileQ,
+        q + m0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride,
+        p.seqlen_q - m0, p.q);
+    load_rows<kBlockM, kHeadDim, kPitch>(
+        sdO + stage * Traits::kTileQ,
+        dout + m0 * p.dout_row_stride + h * p.dout_head_stride,
+        p.dout_row_stride, p.seqlen_q - m0, p.dout);
+  };
+  if (num_steps > 0) load_q_do(0, 0);
+  cp_async_commit();
+
+  const bool want_dalibi = p.dalibi != nullptr;
+  if (want_dalibi && threadIdx.x == 0) {
+    // Heads without a step keep a zero partial.
+    for (int g = 0; g < group; ++g) {
+      const int64_t bh = static_cast<int64_t>(b) * p.num_heads +
+                         h_kv * group + g;
+      s.dalibi_partial[bh * num_n_blocks + n_block] = 0.f;
+    }
+  }
+  // Deterministic order: this CTA passes every query tile's semaphore, also
+  // of tiles it has nothing to add to (before and after its own range).
+  auto pass_semaphores = [&](int m_from, int m_to) {
+    for (int g = 0; g < group; ++g) {
+      const int64_t bh = static_cast<int64_t>(b) * p.num_heads +
+                         h_kv * group + g;
+      for (int m = m_from; m < m_to; ++m) {
+        int* sem = s.dq_semaphore + bh * num_m_blocks + m;
+        semaphore_wait(sem, n_block);
+        semaphore_signal(sem, n_block + 1);
+      }
+    }
+  };
+  if (p.deterministic) pass_semaphores(0, m_begin);
+
+  // Warp origins: S/dP rows and columns, dK/dV rows and columns, dQ rows
+  // and columns.
+  const int s_row0 = (warp / 4) * (kBlockM / 2);
+  const int s_col0 = (warp % 4) * (kBlockN / 4);
+  const int kv_row0 = (warp / 2) * (kBlockN / 4);
+  const int kv_col0 = (warp % 2) * (kHeadDim / 2);
+  const int dq_row0 = (warp / 2) * (kBlockM / 4);
+  const int dq_col0 = (warp % 2) * (kHeadDim / 2);
+
+  // Segment ids of this thread's key columns, read once.
+  int kv_seg[kSN8][2];
+#pragma unroll
+  for (int nj = 0; nj < kSN8; ++nj) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = n0 + s_col0 + nj * 8 + quad_col + e;
+      kv_seg[nj][e] = mask.has_segments() && j < p.seqlen_k
+          ? mask.kv_segment_ids[j] : 0;
+    }
+  }
+
+  float acc_dk[Traits::kKvM16][Traits::kKvN8][4];
+  float acc_dv[Traits::kKvM16][Traits::kKvN8][4];
+  zero(acc_dk);
+  zero(acc_dv);
+  const Softcap softcap = Softcap::make(p);
+  float dalibi_sum = 0.f;
+
+  for (int step = 0; step < num_steps; ++step) {
+    const int stage = step % 2;
+    const int g = step / steps_per_head;
+    const int h = h_kv * group + g;
+    const int m0 = (m_begin + step % steps_per_head) * kBlockM;
+    const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (step + 1 < num_steps) load_q_do(step + 1, stage ^ 1);
+    cp_async_commit();
+    const T* sQ_cur = sQ + stage * Traits::kTileQ;
+    const T* sdO_cur = sdO + stage * Traits::kTileQ;
+
+    float acc_s[kSM16][kSN8][4];
+    float acc_dp[kSM16][kSN8][4];
+    zero(acc_s);
+    zero(acc_dp);
+    // S = Q K^T
+    warp_mma<kSM16, kSN8, kHeadDim, false, false>(
+        acc_s, sQ_cur + s_row0 * kPitch, kPitch, sK + s_col0 * kPitch, kPitch);
+    // dP = dO V^T
+    warp_mma<kSM16, kSN8, kHeadDim, false, false>(
+        acc_dp, sdO_cur + s_row0 * kPitch, kPitch, sV + s_col0 * kPitch,
+        kPitch);
+
+    // Per row: lse in the log2 domain (+inf where the row sees no key, so
+    // that P = 0), delta, segment id.
+    float lse2[kSM16][2], delta[kSM16][2];
+    int q_seg[kSM16][2];
+#pragma unroll
+    for (int mi = 0; mi < kSM16; ++mi) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = m0 + s_row0 + mi * 16 + quad_row + 8 * e;
+        const bool in = i < p.seqlen_q;
+        const float lse = in ? p.lse[bh * p.seqlen_q + i] : -INFINITY;
+        lse2[mi][e] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+        delta[mi][e] = in ? s.delta[bh * p.seqlen_q + i] : 0.f;
+        q_seg[mi][e] = mask.has_segments() && in ? mask.q_segment_ids[i] : 0;
+      }
+    }
+    const bool need_mask =
+        mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN);
+    const Alibi alibi = Alibi::make(p, b, h, mask);
+    // P = exp(logit - lse); dS = P * (dP - delta) * d(softcap).
+#pragma unroll
+    for (int mi = 0; mi < kSM16; ++mi) {
+#pragma unroll
+      for (int nj = 0; nj < kSN8; ++nj) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int i = m0 + s_row0 + mi * 16 + quad_row + 8 * (r / 2);
+          const int j = n0 + s_col0 + nj * 8 + quad_col + r % 2;
+          const float capped = softcap.enabled()
+              ? softcap(acc_s[mi][nj][r] * p.softmax_scale)
+              : acc_s[mi][nj][r] * p.softmax_scale;
+          const float logit =
+              alibi.enabled() ? capped + alibi(i, j) : capped;
+          const bool visible = !need_mask ||
+              (mask.visible_by_position(i, j) &&
+               q_seg[mi][r / 2] == kv_seg[nj][r % 2]);
+          const float prob =
+              visible ? exp2_approx(logit * kLog2e - lse2[mi][r / 2]) : 0.f;
+          float ds = prob * (acc_dp[mi][nj][r] - delta[mi][r / 2]);
+          // d logit / d slope = -|d|: before the softcap derivative.
+          if (want_dalibi) dalibi_sum += ds * alibi.grad_slope(i, j);
+          if (softcap.enabled()) ds *= softcap.grad_from_output(capped);
+          acc_s[mi][nj][r] = prob;
+          acc_dp[mi][nj][r] = ds;
+        }
+      }
+    }
+    // P and dS to shared memory, for the transposed products below.
+#pragma unroll
+    for (int mi = 0; mi < kSM16; ++mi) {
+#pragma unroll
+      for (int nj = 0; nj < kSN8; ++nj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int at = (s_row0 + mi * 16 + quad_row + 8 * e) * kPitchP +
+                         s_col0 + nj * 8 + quad_col;
+          *reinterpret_cast<uint32_t*>(sP + at) =
+              pack2<T>(acc_s[mi][nj][2 * e], acc_s[mi][nj][2 * e + 1]);
+          *reinterpret_cast<uint32_t*>(sdS + at) =
+              pack2<T>(acc_dp[mi][nj][2 * e], acc_dp[mi][nj][2 * e + 1]);
+        }
+      }
+    }
+    __syncthreads();
+
+    // dV += P^T dO
+    warp_mma<Traits::kKvM16, Traits::kKvN8, kBlockM, true, true>(
+        acc_dv, sP + kv_row0, kPitchP, sdO_cur + kv_col0, kPitch);
+    // dK += dS^T Q
+    warp_mma<Traits::kKvM16, Traits::kKvN8, kBlockM, true, true>(
+        acc_dk, sdS + kv_row0, kPitchP, sQ_cur + kv_col0, kPitch);
+    // dQ += dS K
+    float acc_dq[Traits::kQM16][Traits::kQN8][4];
+    zero(acc_dq);
+    warp_mma<Traits::kQM16, Traits::kQN8, kBlockN, false, true>(
+        acc_dq, sdS + dq_row0 * kPitchP, kPitchP, sK + dq_col0, kPitch);
+    int* sem = p.deterministic
+        ? s.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
+    if (p.deterministic) semaphore_wait(sem, n_block);
+    float* dq_accum = s.dq_accum + bh * p.seqlen_q * kHeadDim;
+#pragma unroll
+    for (int mi = 0; mi < Traits::kQM16; ++mi) {
+#pragma unroll
+      for (int nj = 0; nj < Traits::kQN8; ++nj) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int i = m0 + dq_row0 + mi * 16 + quad_row + 8 * e;
+          const int col = dq_col0 + nj * 8 + quad_col;
+          if (i >= p.seqlen_q) continue;
+          float* dst = dq_accum + static_cast<int64_t>(i) * kHeadDim + col;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+          atomicAdd(reinterpret_cast<float2*>(dst),
+                    make_float2(acc_dq[mi][nj][2 * e],
+                                acc_dq[mi][nj][2 * e + 1]));
+#else
+          atomicAdd(dst, acc_dq[mi][nj][2 * e]);
+          atomicAdd(dst + 1, acc_dq[mi][nj][2 * e + 1]);
+#endif
+        }
+      }
+    }
+    if (p.deterministic) semaphore_signal(sem, n_block + 1);
+    if (want_dalibi && (step + 1) % steps_per_head == 0) {
+      // Last query tile of head h: this CTA's share of dalibi[b, h].
+      const float total = block_sum(dalibi_sum, s_reduce);
+      if (threadIdx.x == 0) {
+        s.dalibi_partial[bh * num_n_blocks + n_block] = total;
+      }
+      dalibi_sum = 0.f;
+    }
+  }
+  if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
+
+  // dK = softmax_scale * dS^T Q (the scale of the logits), dV as summed.
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride +
+          h_kv * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride +
+          h_kv * p.dv_head_stride;
+#pragma unroll
+  for (int mi = 0; mi < Traits::kKvM16; ++mi) {
+#pragma unroll
+    for (int nj = 0; nj < Traits::kKvN8; ++nj) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = n0 + kv_row0 + mi * 16 + quad_row + 8 * e;
+        const int col = kv_col0 + nj * 8 + quad_col;
+        if (j >= p.seqlen_k) continue;
+        *reinterpret_cast<uint32_t*>(dk + j * p.dk_row_stride + col) =
+            pack2<T>(acc_dk[mi][nj][2 * e] * p.softmax_scale,
+                     acc_dk[mi][nj][2 * e + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv + j * p.dv_row_stride + col) =
+            pack2<T>(acc_dv[mi][nj][2 * e], acc_dv[mi][nj][2 * e + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace jax_flash

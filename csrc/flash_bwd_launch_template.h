@@ -1,0 +1,47 @@
+// Launches the three backward kernels for one (dtype, head dim):
+// preprocess (delta, zeroed scratch), the main kernel (dK, dV, dQ partials,
+// dalibi partials), convert (dQ to T, dalibi). Instantiated once per pair by
+// the files build/generate_kernels.py writes.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "flash.h"
+#include "flash_bwd_convert.h"
+#include "flash_bwd_kernel.h"
+#include "flash_bwd_preprocess.h"
+#include "utils.h"
+
+namespace jax_flash {
+
+// Computes dq, dk, dv (and dalibi) for tensors of type T and head dim
+// kHeadDim (= Dv); p.workspace holds jax_flash_bwd_workspace_bytes(...)
+// bytes. Stops at the first launch that fails; the caller checks
+// cudaGetLastError() afterwards.
+template <typename T, int kHeadDim>
+void run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
+  using Traits = BwdKernelTraits<T, kHeadDim>;
+  const BwdScratch scratch = BwdScratch::make(p);
+  const int num_m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
+  const int num_n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
+  const dim3 row_grid(num_m_blocks, p.batch, p.num_heads);
+
+  bwd_preprocess_kernel<T, kHeadDim, Traits::kBlockM>
+      <<<row_grid, 256, 0, stream>>>(p, scratch);
+  if (cudaPeekAtLastError() != cudaSuccess) return;
+
+  auto kernel = &flash_bwd_kernel<Traits>;
+  // Opt in above 48 KB of dynamic shared memory (no stream work).
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       Traits::kSmemBytes);
+  // Key tiles vary fastest: in deterministic mode the CTA of key tile n
+  // waits for tile n - 1 of the same (b, h), which then started earlier.
+  const dim3 grid(num_n_blocks, p.batch, p.num_heads_kv);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scratch);
+  if (cudaPeekAtLastError() != cudaSuccess) return;
+
+  bwd_convert_dq_kernel<T, kHeadDim, Traits::kBlockM>
+      <<<row_grid, 256, 0, stream>>>(p, scratch, num_n_blocks);
+}
+
+}  // namespace jax_flash

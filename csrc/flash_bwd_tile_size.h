@@ -1,0 +1,57 @@
+// Tile shapes and workspace layout of the backward pass, shared by the
+// kernels and by `jax_flash_bwd_workspace_bytes` (which must agree on them).
+#pragma once
+
+#include <cstdint>
+
+#include "utils.h"
+
+namespace jax_flash {
+
+// Query rows per inner-loop step. 64 keeps the recomputed S and dP (two
+// 64 x kBlockN float tiles) at 32 registers each per thread.
+constexpr int bwd_block_m(int /*head_dim*/) { return 64; }
+
+// Keys per CTA. A CTA keeps dK and dV for its keys in registers: 2 * kBlockN
+// * D / 256 floats per thread. 128 keys up to D = 128 (128 registers), 64 keys
+// beyond (at most 128 registers again at D = 256), so that one CTA of 8 warps
+// stays under the 255-register limit without spilling.
+constexpr int bwd_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
+
+// Threads per CTA of the main backward kernel: 8 warps.
+constexpr int kBwdThreads = 256;
+
+// Byte offsets of the scratch regions inside the u8 workspace operand. Every
+// region starts on a 256-byte boundary.
+struct BwdWorkspaceLayout {
+  int64_t dq_accum = 0;   // f32 (B, H, Sq, D): dQ summed over key tiles
+  int64_t delta = 0;      // f32 (B, H, Sq): rowsum(dO * O)
+  int64_t dq_semaphore = 0;  // s32 (B, H, Sq / kBlockM): deterministic order
+  int64_t dalibi_partial = 0;  // f32 (B, H, Sk / kBlockN): per key tile
+  int64_t total = 0;
+
+  static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q,
+                                 int64_t seqlen_k, int64_t num_heads,
+                                 int64_t head_dim, bool deterministic) {
+    auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+    const int64_t rows = batch * num_heads * seqlen_q;
+    BwdWorkspaceLayout w;
+    int64_t at = 0;
+    w.dq_accum = at;
+    at += align(rows * head_dim * 4);
+    w.delta = at;
+    at += align(rows * 4);
+    w.dq_semaphore = at;
+    if (deterministic) {
+      at += align(batch * num_heads *
+                  ceil_div(static_cast<int>(seqlen_q), bwd_block_m(head_dim)) * 4);
+    }
+    w.dalibi_partial = at;
+    at += align(batch * num_heads *
+                ceil_div(static_cast<int>(seqlen_k), bwd_block_n(head_dim)) * 4);
+    w.total = at;
+    return w;
+  }
+};
+
+}  // namespace jax_flash
