@@ -8,6 +8,8 @@
 // elements; tensors are (B, S, heads, D) as in docs/ffi_contract.md.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 
 namespace jax_flash {
@@ -81,5 +83,14 @@ struct BwdParams : FwdParams {
   // Bitwise reproducible gradients: no order-dependent float atomics.
   bool deterministic = false;
 };
+
+// One instantiation per (T, kHeadDim) is compiled from the files
+// build/generate_kernels.py writes; build/generated/kernel_list.h lists them.
+// T is __nv_bfloat16 or __half; kHeadDim = D = Dv.
+template <typename T, int kHeadDim>
+void run_mha_fwd_(const FwdParams& params, cudaStream_t stream);
+
+template <typename T, int kHeadDim>
+void run_mha_bwd_(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace jax_flash

@@ -1,0 +1,167 @@
+"""Builds jax_flash/_lib/libjax_flash_cuda.so from csrc/ with nvcc.
+
+Compiles csrc/*.cu and the instantiations build/generate_kernels.py writes,
+in parallel, into build/out/obj/, and links them into one shared library with
+the CUDA runtime linked statically and no Python ABI (see
+docs/ffi_contract.md). Rebuilds only objects older than their source, the
+headers or the compile flags.
+
+Environment:
+  JAX_FLASH_CUDA_ARCHS  compute capabilities, default "80,90"
+  JAX_FLASH_HEAD_DIMS, JAX_FLASH_DTYPES, JAX_FLASH_DIRECTIONS
+                        narrow the instantiations (build/generate_kernels.py)
+  JAX_FLASH_BUILD_JOBS  parallel compiles, default the CPU count
+  NVCC                  the compiler, default `nvcc` on PATH (or CUDA_HOME)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import threading
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import generate_kernels  # noqa: E402  (sibling script)
+
+REPO = generate_kernels.REPO
+CSRC = generate_kernels.CSRC
+GENERATED = generate_kernels.DEFAULT_OUT
+OBJ_DIR = REPO / "build" / "out" / "obj"
+LIBRARY = REPO / "jax_flash" / "_lib" / "libjax_flash_cuda.so"
+DEFAULT_ARCHS = "80,90"
+
+
+def find_nvcc() -> Optional[str]:
+  """Path of nvcc: $NVCC, then PATH, then $CUDA_HOME/bin; None if absent."""
+  if os.environ.get("NVCC"):
+    return os.environ["NVCC"]
+  found = shutil.which("nvcc")
+  if found:
+    return found
+  for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+               "/usr/local/cuda"):
+    if home and (pathlib.Path(home) / "bin" / "nvcc").exists():
+      return str(pathlib.Path(home) / "bin" / "nvcc")
+  return None
+
+
+def parse_archs(value: str) -> list[int]:
+  """"80,90" -> [80, 90]."""
+  archs = sorted({int(a.strip()) for a in value.split(",") if a.strip()})
+  if not archs or any(a < 80 for a in archs):
+    raise ValueError(f"JAX_FLASH_CUDA_ARCHS={value!r}: need archs >= 80")
+  return archs
+
+
+def include_dirs() -> list[str]:
+  """XLA FFI headers (jax.ffi.include_dir()) and CUTLASS/CuTe headers."""
+  import jax.ffi  # pylint: disable=import-outside-toplevel
+  dirs = [jax.ffi.include_dir()]
+  try:
+    import cutlass_library  # pylint: disable=import-outside-toplevel
+    cutlass = (pathlib.Path(cutlass_library.__file__).parent / "source" /
+               "include")
+    if cutlass.exists():
+      dirs.append(str(cutlass))
+  except ImportError:
+    pass
+  return dirs
+
+
+def compile_flags(archs: Sequence[int]) -> list[str]:
+  """nvcc flags shared by every translation unit."""
+  flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+           "-Xcompiler", "-fPIC", "-I", str(CSRC), "-I", str(GENERATED),
+           f"-DJAX_FLASH_CUDA_ARCHS=\"{','.join(map(str, archs))}\""]
+  for d in include_dirs():
+    flags += ["-isystem", d]
+  for a in archs:
+    flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+  # PTX of the newest arch, so that later GPUs can JIT-compile it.
+  flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+  return flags
+
+
+def _stale(obj: pathlib.Path, source: pathlib.Path,
+           headers: Sequence[pathlib.Path], stamp: pathlib.Path) -> bool:
+  """Whether obj must be rebuilt: missing or older than its inputs."""
+  if not obj.exists():
+    return True
+  newest = max(p.stat().st_mtime for p in [source, stamp, *headers])
+  return obj.stat().st_mtime < newest
+
+
+def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
+          library: pathlib.Path = LIBRARY) -> pathlib.Path:
+  """Generates, compiles and links; returns the library path."""
+  nvcc = find_nvcc()
+  if nvcc is None:
+    raise RuntimeError("nvcc not found (set NVCC or CUDA_HOME)")
+  generated = generate_kernels.generate(GENERATED)
+  sources = sorted(CSRC.glob("*.cu")) + generated
+  headers = sorted(CSRC.glob("*.h")) + [GENERATED / "kernel_list.h"]
+  flags = compile_flags(archs)
+  if resource_usage:
+    flags.append("--resource-usage")
+
+  OBJ_DIR.mkdir(parents=True, exist_ok=True)
+  # Changing the flags (archs, include dirs) rebuilds everything.
+  stamp = OBJ_DIR / "flags.txt"
+  if not stamp.exists() or stamp.read_text() != "\n".join(flags):
+    stamp.write_text("\n".join(flags))
+  objects = [OBJ_DIR / (s.stem + ".o") for s in sources]
+  todo = [(s, o) for s, o in zip(sources, objects)
+          if resource_usage or _stale(o, s, headers, stamp)]
+
+  lock = threading.Lock()
+  done = [0]
+
+  def compile_one(source: pathlib.Path, obj: pathlib.Path) -> None:
+    cmd = [nvcc, *flags, "-c", str(source), "-o", str(obj)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    with lock:
+      done[0] += 1
+      print(f"[{done[0]}/{len(todo)}] {source.relative_to(REPO)}",
+            flush=True)
+      if result.stdout.strip() or result.stderr.strip():
+        print(result.stdout + result.stderr, flush=True)
+    if result.returncode != 0:
+      raise RuntimeError(f"nvcc failed on {source.relative_to(REPO)}")
+
+  print(f"compiling {len(todo)} of {len(sources)} files for "
+        f"sm_{', sm_'.join(map(str, archs))} with {jobs} jobs", flush=True)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+    futures = [pool.submit(compile_one, s, o) for s, o in todo]
+    for f in futures:
+      f.result()
+
+  library.parent.mkdir(parents=True, exist_ok=True)
+  if todo or not library.exists() or any(
+      o.stat().st_mtime > library.stat().st_mtime for o in objects):
+    link = [nvcc, "-shared", "-cudart", "static", *[str(o) for o in objects],
+            "-o", str(library)]
+    print(f"linking {library.relative_to(REPO)}", flush=True)
+    subprocess.run(link, check=True)
+  return library
+
+
+def main() -> None:
+  """Command line entry point."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--resource-usage", action="store_true",
+                      help="recompile everything and print ptxas register "
+                      "and spill counts")
+  args = parser.parse_args()
+  archs = parse_archs(os.environ.get("JAX_FLASH_CUDA_ARCHS", DEFAULT_ARCHS))
+  jobs = int(os.environ.get("JAX_FLASH_BUILD_JOBS", os.cpu_count() or 1))
+  build(archs, jobs, resource_usage=args.resource_usage)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,350 @@
+// FlashAttention-2-style forward kernel for sm80 and later (mma.sync).
+//
+// One CTA per (query tile, head, batch). Its warps split the query rows; K
+// and V tiles stream through shared memory with cp.async, two stages deep,
+// and the kernel walks them from the last visible key tile down, so that the
+// tiles that need masking (the diagonal, the ragged end) come first and the
+// rest run unmasked. Scores and the output stay in registers:
+//   S = Q K^T (mma.sync m16n8k16), online softmax in base 2 with the scale
+//   folded into one fma, O += P V, and O / rowsum at the end.
+#pragma once
+
+#include <cmath>
+
+#include "flash.h"
+#include "mask.h"
+#include "softmax.h"
+#include "tile_size.h"
+#include "utils.h"
+
+namespace jax_flash {
+
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_,
+          int kNWarps_>
+struct FwdKernelTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kWarpRows = kBlockM / kNWarps;
+  static constexpr int kRowBlocks = kWarpRows / 16;  // m16 blocks per warp
+  static constexpr int kNTiles = kBlockN / 8;    // n8 tiles of S
+  static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O
+  static constexpr int kPitch = smem_row_pitch(kHeadDim);  // elements
+  static constexpr int kStages = fwd_kv_stages(kHeadDim);
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks
+  // Shared memory: Q (kBlockM rows), then kStages K tiles, kStages V tiles.
+  static constexpr int kQElems = kBlockM * kPitch;
+  static constexpr int kKVElems = kBlockN * kPitch;
+  static constexpr int kSmemBytes =
+      (kQElems + 2 * kStages * kKVElems) * static_cast<int>(sizeof(T));
+
+  static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "tile shape");
+  static_assert(kWarpRows % 16 == 0, "each warp owns whole m16 blocks");
+  static_assert((kBlockM * kChunksPerRow) % kNThreads == 0 &&
+                (kBlockN * kChunksPerRow) % kNThreads == 0,
+                "tile loads split evenly over the threads");
+};
+
+// Copies rows [0, rows) of a (tile_rows x D) tile from global memory (row
+// pitch `stride` elements) into shared memory; rows >= valid_rows are zeroed.
+template <typename Traits, int kTileRows>
+__device__ __forceinline__ void load_tile(uint32_t smem, const typename
+                                          Traits::T* gmem, int64_t stride,
+                                          int valid_rows, int tid) {
+  using T = typename Traits::T;
+  constexpr int kChunks = kTileRows * Traits::kChunksPerRow;
+#pragma unroll
+  for (int c = tid; c < kChunks; c += Traits::kNThreads) {
+    const int row = c / Traits::kChunksPerRow;
+    const int col = (c % Traits::kChunksPerRow) * 8;
+    const bool ok = row < valid_rows;
+    const T* src = ok ? gmem + row * stride + col : gmem;
+    cp_async_16(smem + (row * Traits::kPitch + col) * sizeof(T), src, ok);
+  }
+}
+
+// Output row m0 of (batch b, head h), and its lse entry.
+__device__ __forceinline__ void* out_tile(const FwdParams& p, int b, int h,
+                                          int m0, int elem_bytes) {
+  return static_cast<char*>(p.out) +
+         (b * p.out_batch_stride + h * p.out_head_stride +
+          static_cast<int64_t>(m0) * p.out_row_stride) * elem_bytes;
+}
+__device__ __forceinline__ float* lse_tile(const FwdParams& p, int b, int h,
+                                           int m0) {
+  return p.lse + (static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q + m0;
+}
+
+template <typename Traits, bool kScoreMod>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+flash_fwd_kernel(const __grid_constant__ FwdParams p) {
+  using T = typename Traits::T;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kRowBlocks = Traits::kRowBlocks;
+  constexpr int kNTiles = Traits::kNTiles;
+  constexpr int kDTiles = Traits::kDTiles;
+  constexpr int kPitch = Traits::kPitch;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_smem = reinterpret_cast<T*>(smem_raw);
+  const uint32_t q_base = smem_addr(q_smem);
+  const uint32_t k_base = q_base + Traits::kQElems * sizeof(T);
+  const uint32_t v_base =
+      k_base + Traits::kStages * Traits::kKVElems * sizeof(T);
+  constexpr uint32_t kStageBytes = Traits::kKVElems * sizeof(T);
+
+  // Longest query tiles first: under a causal mask the last tiles have the
+  // most keys, and starting them first evens out the tail of the grid.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int m0 = m_block * kBlockM;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;  // accumulator row within an m16 block (and +8)
+  const int t = lane % 4;  // accumulator column pair within an n8 tile
+  const int warp_row0 = warp * Traits::kWarpRows;
+
+  const AttentionMask mask = AttentionMask::make(p, b);
+  const int kv_h = h / (p.num_heads / p.num_heads_kv);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride +
+               h * p.q_head_stride + static_cast<int64_t>(m0) * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride +
+               kv_h * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride +
+               kv_h * p.v_head_stride;
+  const int rows_here = min(kBlockM, p.seqlen_q - m0);
+
+  const int key_lo = mask.key_begin(m0);
+  const int key_hi = mask.key_end(m0 + kBlockM);
+  if (key_lo >= key_hi) {
+    // No query of this tile sees any key: out 0, lse -inf.
+    T* out = static_cast<T*>(out_tile(p, b, h, m0, sizeof(T)));
+    float* lse_out = lse_tile(p, b, h, m0);
+    for (int c = tid; c < kBlockM * Traits::kChunksPerRow;
+         c += Traits::kNThreads) {
+      const int row = c / Traits::kChunksPerRow;
+      const int col = (c % Traits::kChunksPerRow) * 8;
+      if (row < rows_here) {
+        *reinterpret_cast<uint4*>(out + row * p.out_row_stride + col) =
+            make_uint4(0, 0, 0, 0);
+      }
+    }
+    for (int row = tid; row < rows_here; row += Traits::kNThreads) {
+      lse_out[row] = -INFINITY;
+    }
+    return;
+  }
+  const int n_lo = key_lo / kBlockN;
+  const int n_hi = (key_hi - 1) / kBlockN;
+
+  // Per-lane ldmatrix offsets (elements) within a tile; see utils.h.
+  // Q (A operand): lanes 0-15 rows 0-15 at column 0, lanes 16-31 at 8.
+  const uint32_t q_lane = q_base + ((warp_row0 + lane % 16) * kPitch +
+                                    (lane / 16) * 8) * sizeof(T);
+  // K (B operand of S, stored n-major): matrices (n0-7,k0-7), (n0-7,k8-15),
+  // (n8-15,k0-7), (n8-15,k8-15).
+  const uint32_t k_lane = ((lane / 16) * 8 + lane % 8) * kPitch * sizeof(T) +
+                          ((lane / 8) % 2) * 8 * sizeof(T);
+  // V (B operand of O, stored k-major, read transposed): matrices
+  // (k0-7,d0-7), (k8-15,d0-7), (k0-7,d8-15), (k8-15,d8-15).
+  const uint32_t v_lane = (((lane / 8) % 2) * 8 + lane % 8) * kPitch *
+                              sizeof(T) + (lane / 16) * 8 * sizeof(T);
+
+  auto kv_rows = [&](int n) { return min(kBlockN, p.seqlen_k - n * kBlockN); };
+
+  load_tile<Traits, kBlockM>(q_base, q, p.q_row_stride, rows_here, tid);
+  load_tile<Traits, kBlockN>(k_base, k + n_hi * kBlockN * p.k_row_stride,
+                             p.k_row_stride, kv_rows(n_hi), tid);
+  cp_async_commit();
+  load_tile<Traits, kBlockN>(v_base, v + n_hi * kBlockN * p.v_row_stride,
+                             p.v_row_stride, kv_rows(n_hi), tid);
+  cp_async_commit();
+
+  float acc[kRowBlocks][kDTiles][4];
+#pragma unroll
+  for (int mb = 0; mb < kRowBlocks; ++mb) {
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][dt][e] = 0.f;
+    }
+  }
+  OnlineSoftmax<kRowBlocks> softmax;
+  softmax.init();
+
+  const ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
+  // With score modifiers the scores are natural-log logits already scaled.
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = kScoreMod ? kLog2e : p.softmax_scale_log2;
+  const int row_base = m0 + warp_row0 + g;  // + 16 * mb + 8 * r
+
+  int stage = 0;
+  for (int n = n_hi; n >= n_lo; --n) {
+    const int n0 = n * kBlockN;
+    const uint32_t k_tile = k_base + stage * kStageBytes;
+    const uint32_t v_tile = v_base + stage * kStageBytes;
+
+    cp_async_wait<1>();  // K[n] has landed (V[n] may still be in flight)
+    __syncthreads();
+    if (n > n_lo) {
+      load_tile<Traits, kBlockN>(
+          k_base + (stage ^ 1) * kStageBytes,
+          k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
+          kv_rows(n - 1), tid);
+    }
+    cp_async_commit();
+
+    // S = Q K^T
+    float s[kRowBlocks][kNTiles][4];
+#pragma unroll
+    for (int mb = 0; mb < kRowBlocks; ++mb) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mb][nt][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < Traits::kHeadDim / 16; ++ks) {
+      uint32_t a[kRowBlocks][4];
+#pragma unroll
+      for (int mb = 0; mb < kRowBlocks; ++mb) {
+        ldmatrix_x4(a[mb], q_lane + (mb * 16 * kPitch + ks * 16) * sizeof(T));
+      }
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, k_tile + k_lane +
+                            (np * 16 * kPitch + ks * 16) * sizeof(T));
+#pragma unroll
+        for (int mb = 0; mb < kRowBlocks; ++mb) {
+          mma_16816<T>(s[mb][2 * np], a[mb], bk[0], bk[1]);
+          mma_16816<T>(s[mb][2 * np + 1], a[mb], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Score modifiers, then the mask on tiles that cross a mask boundary.
+    if (kScoreMod) {
+#pragma unroll
+      for (int mb = 0; mb < kRowBlocks; ++mb) {
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = row_base + 16 * mb + 8 * (e / 2);
+            const int j = n0 + nt * 8 + 2 * t + e % 2;
+            s[mb][nt][e] = score_mod(s[mb][nt][e], i, j);
+          }
+        }
+      }
+    }
+    if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int j = n0 + nt * 8 + 2 * t + e1;
+          const int kv_seg = mask.has_segments() && j < mask.kv_len
+                                 ? mask.kv_segment_ids[j] : 0;
+#pragma unroll
+          for (int mb = 0; mb < kRowBlocks; ++mb) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int i = row_base + 16 * mb + 8 * r;
+              const bool ok = mask.visible_by_position(i, j) &&
+                              (!mask.has_segments() ||
+                               mask.q_segment_ids[min(i, p.seqlen_q - 1)] == kv_seg);
+              if (!ok) s[mb][nt][2 * r + e1] = -INFINITY;
+            }
+          }
+        }
+      }
+    }
+
+    softmax.update(s, acc, scale_log2);
+
+    cp_async_wait<1>();  // V[n] has landed (K[n-1] may still be in flight)
+    __syncthreads();
+    if (n > n_lo) {
+      load_tile<Traits, kBlockN>(
+          v_base + (stage ^ 1) * kStageBytes,
+          v + (n - 1) * kBlockN * p.v_row_stride, p.v_row_stride,
+          kv_rows(n - 1), tid);
+    }
+    cp_async_commit();
+
+    // O += P V, P taken from the score registers: the C layout of n8 tiles
+    // 2kk and 2kk+1 is the A layout of k16 step kk.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[kRowBlocks][4];
+#pragma unroll
+      for (int mb = 0; mb < kRowBlocks; ++mb) {
+        a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
+        a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
+        a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
+        a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v_tile + v_lane +
+                                  (kk * 16 * kPitch + dp * 16) * sizeof(T));
+#pragma unroll
+        for (int mb = 0; mb < kRowBlocks; ++mb) {
+          mma_16816<T>(acc[mb][2 * dp], a[mb], bv[0], bv[1]);
+          mma_16816<T>(acc[mb][2 * dp + 1], a[mb], bv[2], bv[3]);
+        }
+      }
+    }
+    stage ^= 1;
+  }
+
+  // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
+  float inv_sum[kRowBlocks][2];
+  float lse[kRowBlocks][2];
+  softmax.finalize(inv_sum, lse, scale_log2);
+  cp_async_wait<0>();
+  T* out = static_cast<T*>(out_tile(p, b, h, m0, sizeof(T)));
+  float* lse_out = lse_tile(p, b, h, m0);
+  // This warp's rows of the Q tile are read by no other warp; reuse them to
+  // turn the output fragments into 16-byte row stores.
+  __syncwarp();
+#pragma unroll
+  for (int mb = 0; mb < kRowBlocks; ++mb) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + 16 * mb + 8 * r + g;
+      const bool live = m0 + row < mask.q_len;
+      const float scale = live ? inv_sum[mb][r] : 0.f;
+      if (t == 0 && row < rows_here) {
+        lse_out[row] = live ? lse[mb][r] : -INFINITY;
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<uint32_t*>(q_smem + row * kPitch + dt * 8 + 2 * t) =
+            pack2<T>(acc[mb][dt][2 * r] * scale,
+                     acc[mb][dt][2 * r + 1] * scale);
+      }
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int c = lane; c < Traits::kWarpRows * Traits::kChunksPerRow; c += 32) {
+    const int row = warp_row0 + c / Traits::kChunksPerRow;
+    const int col = (c % Traits::kChunksPerRow) * 8;
+    if (row < rows_here) {
+      *reinterpret_cast<uint4*>(out + row * p.out_row_stride + col) =
+          *reinterpret_cast<const uint4*>(q_smem + row * kPitch + col);
+    }
+  }
+}
+
+}  // namespace jax_flash

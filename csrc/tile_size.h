@@ -1,0 +1,34 @@
+// Tile sizes of the sm80-style (mma.sync) kernels, as constexpr functions of
+// the head dim, so that the launch templates and any future tuning share one
+// table.
+#pragma once
+
+namespace jax_flash {
+
+// Forward, query rows per CTA. 128 rows give each K/V tile loaded into shared
+// memory 128 query rows of reuse; more would need more warps or registers.
+constexpr int fwd_block_m(int /*head_dim*/) { return 128; }
+
+// Forward, keys per mainloop step. Small head dims take 128 keys: the score
+// tile (32 rows x 128 keys per warp = 128 floats a thread) still fits in
+// registers next to the small output accumulator, and each barrier covers
+// twice the work. From 96 on, the output accumulator grows and 64 keys keep
+// the kernel at or under 255 registers without spills.
+constexpr int fwd_block_n(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+
+// Forward, warps per CTA. Up to 128, 4 warps of 32 rows each: every K/V
+// fragment read from shared memory feeds two m16 row blocks, halving the
+// shared-memory traffic per mma; 2 CTAs fit on an SM (about 100 KB of shared
+// memory each). From 160 on, a warp's 32 x D float accumulator no longer fits
+// in registers, so 8 warps take 16 rows each.
+constexpr int fwd_num_warps(int head_dim) { return head_dim <= 128 ? 4 : 8; }
+
+// K and V tiles in flight: tile n+1 loads while tile n is multiplied.
+constexpr int fwd_kv_stages(int /*head_dim*/) { return 2; }
+
+// Shared-memory rows are padded by 8 elements (16 bytes): the row pitch is
+// then an odd number of 16-byte units for every supported head dim (D / 8 is
+// even), so the 8 row addresses of an ldmatrix hit 8 different bank groups.
+constexpr int smem_row_pitch(int head_dim) { return head_dim + 8; }
+
+}  // namespace jax_flash
