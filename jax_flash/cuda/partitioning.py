@@ -1,0 +1,157 @@
+"""Sharding rules: attention is independent per batch row and per KV head.
+
+Inputs sharded over the batch or the heads (or both) run the custom call on
+each device's shard with no communication. Sequence and head-dim shardings
+are undone (gathered) first: every query needs every key. Heads are sharded
+in whole GQA groups, so a device holding KV head j holds all its query heads.
+
+Both partitioners are served: Shardy through the `sharding_rule`, GSPMD
+through `infer_sharding_from_operands`; `partition` (used by both) settles
+the final shardings from the query's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence, Union
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jax_flash.config import AttentionConfig
+
+# Dimensions of every operand and result, one letter each: b batch, s query
+# position, t key position, h query head, k KV head, d head dim of q/k, e head
+# dim of v. A query head is the compound (k g): KV head k, index g in group.
+_DIMS = {
+    "q": "bshd", "k": "btkd", "v": "btke", "out": "bshe", "dout": "bshe",
+    "lse": "bhs", "alibi_slopes": "bh", "q_segment_ids": "bs",
+    "kv_segment_ids": "bt", "q_lengths": "b", "kv_lengths": "b",
+    "dq": "bshd", "dk": "btkd", "dv": "btke", "dalibi": "bh",
+}
+_REPLICATED = ("s", "t", "d", "e", "g")
+
+MeshAxes = Union[None, str, tuple[str, ...]]
+
+
+def forward_names(mask_names: tuple[str, ...]
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(operand names, result names) of the forward."""
+  return ("q", "k", "v") + mask_names, ("out", "lse")
+
+
+def backward_names(mask_names: tuple[str, ...]
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(operand names, result names) of the backward."""
+  results = ("dq", "dk", "dv")
+  if "alibi_slopes" in mask_names:
+    results += ("dalibi",)
+  return ("q", "k", "v", "out", "dout", "lse") + mask_names, results
+
+
+Names = Callable[[tuple[str, ...]], tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def _shardy_rule(names: Names, config: AttentionConfig,
+                 mask_names: tuple[str, ...], group: int, mesh, operand_types,
+                 result_types) -> tuple[str, dict]:
+  """The Shardy rule, e.g. "b s (k g) d, b t k d, ... -> b s (k g) e, ..."."""
+  del config, mesh, operand_types, result_types
+  heads = "(k g)" if group > 1 else "k"
+  spell = lambda name: " ".join(heads if c == "h" else c for c in _DIMS[name])
+  operands, results = names(mask_names)
+  rule = (", ".join(map(spell, operands)) + " -> " +
+          ", ".join(map(spell, results)))
+  # Shardy wants these in the order the factors first appear in the rule.
+  appearance = dict.fromkeys(c for c in rule if c.isalpha())
+  factors = dict(need_replication_factors=tuple(
+      f for f in appearance if f in _REPLICATED))
+  if group > 1:
+    factors["g"] = group
+  return rule, factors
+
+
+def _mesh_size(mesh, axes: MeshAxes) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in
+                   ((axes,) if isinstance(axes, str) else axes))
+
+
+def _local_axes(mesh, q_sharding, kv_heads: int, batch: int
+                ) -> tuple[MeshAxes, MeshAxes]:
+  """(batch axes, head axes) kept from the query's sharding.
+
+  An axis is kept only when it divides the dimension evenly (heads: the KV
+  heads, so that shards hold whole groups); anything else is gathered.
+  """
+  if not isinstance(q_sharding, NamedSharding):
+    return None, None
+  spec = tuple(q_sharding.spec) + (None,) * 4
+  batch_axes = spec[0] if batch % _mesh_size(mesh, spec[0]) == 0 else None
+  head_axes = spec[2] if kv_heads % _mesh_size(mesh, spec[2]) == 0 else None
+  return batch_axes, head_axes
+
+
+def _shardings(mesh, names: Sequence[str], batch_axes: MeshAxes,
+               head_axes: MeshAxes) -> tuple[NamedSharding, ...]:
+  """Each named array sharded over batch and heads only."""
+  axes = {"b": batch_axes, "h": head_axes, "k": head_axes}
+  return tuple(NamedSharding(mesh, PartitionSpec(*(axes.get(c)
+                                                   for c in _DIMS[n])))
+               for n in names)
+
+
+def _decide(names: Names, mask_names: tuple[str, ...], mesh,
+            arg_shapes) -> tuple[tuple[NamedSharding, ...],
+                                 tuple[NamedSharding, ...]]:
+  """(operand shardings, result shardings) for these operands."""
+  q, k = arg_shapes[0], arg_shapes[1]
+  batch_axes, head_axes = _local_axes(mesh, q.sharding, k.shape[2],
+                                      q.shape[0])
+  operands, results = names(mask_names)
+  return (_shardings(mesh, operands, batch_axes, head_axes),
+          _shardings(mesh, results, batch_axes, head_axes))
+
+
+def _infer(names: Names, config: AttentionConfig, mask_names: tuple[str, ...],
+           group: int, mesh, arg_shapes, result_shape):
+  del config, group, result_shape
+  return _decide(names, mask_names, mesh, arg_shapes)[1]
+
+
+def _partition(names: Names, local_fn: Callable, config: AttentionConfig,
+               mask_names: tuple[str, ...], group: int, mesh, arg_shapes,
+               result_shape):
+  del group, result_shape
+  arg_shardings, result_shardings = _decide(names, mask_names, mesh,
+                                            arg_shapes)
+  lower = functools.partial(local_fn, config=config, mask_names=mask_names)
+  return mesh, lower, result_shardings, arg_shardings
+
+
+def partitioned(local_fn: Callable, names: Names) -> Callable:
+  """Wraps `local_fn(*arrays, config=, mask_names=)` with the sharding rules.
+
+  Args:
+    local_fn: computes one shard; gets shard shapes.
+    names: `forward_names` or `backward_names`, naming local_fn's operands
+      and results.
+
+  Returns:
+    f(config, mask_names, group, *arrays), group = query heads per KV head.
+  """
+
+  def call(config: AttentionConfig, mask_names: tuple[str, ...], group: int,
+           *arrays: jax.Array):
+    del group
+    return local_fn(*arrays, config=config, mask_names=mask_names)
+
+  wrapped = custom_partitioning(call, static_argnums=(0, 1, 2))
+  wrapped.def_partition(
+      partition=functools.partial(_partition, names, local_fn),
+      infer_sharding_from_operands=functools.partial(_infer, names),
+      sharding_rule=functools.partial(_shardy_rule, names))
+  return wrapped

@@ -1,0 +1,279 @@
+"""The CUDA path's JAX plumbing, checked on CPU without the compiled library.
+
+Programs are lowered for the "cuda" platform and their custom calls counted.
+To run the sharding and batching rules, the primitives also get a CPU
+lowering whose per-shard function is the reference attention: XLA then
+partitions and runs them on the 8 fake devices of conftest.py.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import random_qkv
+from jax_flash import cuda
+from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import library, primitives
+from jax_flash.reference import reference_attention
+
+CONFIG = AttentionConfig(softmax_scale=0.125, causal=True, softcap=20.0)
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
+               "reduce-scatter")
+
+
+@pytest.fixture(autouse=True)
+def without_library(monkeypatch):
+  """The same view with or without a built library: every contract head dim
+  counts as compiled, and the backward's scratch size (which normally comes
+  from the library) is fixed."""
+  monkeypatch.setattr(library, "_load", lambda: "not loaded in these tests")
+  monkeypatch.setattr(library, "bwd_workspace_bytes", lambda *shape: 256)
+
+
+def _custom_calls(fn, *args):
+  """{target: count} of the custom calls of jit(fn) lowered for CUDA."""
+  text = jax.jit(fn).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  targets = re.findall(r"custom_call @(\w+)\(", text)
+  return {t: targets.count(t) for t in set(targets)}, text
+
+
+def _inputs(d=40, dv=None, batch=2, heads=4, kv_heads=2, dtype=jnp.bfloat16):
+  return random_qkv(0, batch, 17, 33, heads, kv_heads, d, dv, dtype)
+
+
+def _attend(config=CONFIG, masks=MaskArrays()):
+  return lambda q, k, v: cuda.attention(q, k, v, config, masks)
+
+
+def _loss(attend, with_lse=False):
+  def loss(q, k, v):
+    out, lse = attend(q, k, v)
+    total = jnp.sum(out.astype(jnp.float32))
+    return total + jnp.sum(lse) if with_lse else total
+  return loss
+
+
+def test_forward_is_one_custom_call_with_contract_operands():
+  q, k, v = _inputs(d=40, dv=24)
+  masks = MaskArrays(kv_lengths=jnp.array([5, 33], jnp.int32))
+  calls, text = _custom_calls(_attend(masks=masks), q, k, v)
+  assert calls == {"jax_flash_fwd": 1}
+  call = re.search(r"custom_call @jax_flash_fwd\(.*", text).group(0)
+  # Head dims 40 and 24 run padded to 64; absent masks are (0,) operands.
+  assert ("(tensor<2x17x4x64xbf16>, tensor<2x33x2x64xbf16>, "
+          "tensor<2x33x2x64xbf16>, tensor<0xf32>, tensor<0xi32>, "
+          "tensor<0xi32>, tensor<0xi32>, tensor<2xi32>)") in call
+  assert "-> (tensor<2x17x4x64xbf16>, tensor<2x4x17xf32>)" in call
+  for attr in ("softcap = 2.000000e+01 : f32", "softmax_scale = 1.250000e-01",
+               "window_left = -1 : i32", "window_right = 0 : i32"):
+    assert attr in call
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_gradient_is_one_forward_and_one_backward_call(with_lse):
+  q, k, v = _inputs(d=64)
+  calls, text = _custom_calls(
+      jax.grad(_loss(_attend(), with_lse), argnums=(0, 1, 2)), q, k, v)
+  assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
+  call = re.search(r"custom_call @jax_flash_bwd\(.*", text).group(0)
+  assert "deterministic = false" in call
+  # A used lse adds one column of v: 65 columns run at head dim 96.
+  width = 96 if with_lse else 64
+  assert f"tensor<2x33x2x{width}xbf16>" in call
+
+
+def test_alibi_gradient_comes_from_the_backward_call():
+  q, k, v = _inputs(d=64)
+  slopes = jnp.full((2, 4), 0.5, jnp.float32)
+
+  def loss(slopes):
+    out, _ = cuda.attention(q, k, v, CONFIG, MaskArrays(alibi_slopes=slopes))
+    return jnp.sum(out.astype(jnp.float32))
+
+  calls, text = _custom_calls(jax.grad(loss), slopes)
+  assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
+  call = re.search(r"custom_call @jax_flash_bwd\(.*", text).group(0)
+  assert "tensor<2x4xf32>, tensor<256xui8>)" in call
+
+
+def test_vmap_over_several_axes_is_one_call():
+  q, k, v = _inputs(d=64)
+  qs = jnp.stack([q, q, q], axis=2)          # vmapped at axis 2
+  vs = jnp.stack([v, v, v], axis=4)          # vmapped at axis 4
+  lengths = jnp.array([[3, 9], [17, 1], [0, 2]], jnp.int32).T  # axis 1
+
+  def one(q, k, v, q_lengths):
+    return cuda.attention(q, k, v, CONFIG, MaskArrays(q_lengths=q_lengths))
+
+  batched = jax.vmap(one, in_axes=(2, None, 4, 1))
+  calls, text = _custom_calls(batched, qs, k, vs, lengths)
+  assert calls == {"jax_flash_fwd": 1}
+  # Three vmapped copies of batch 2 run as one batch of 6.
+  assert "tensor<6x17x4x64xbf16>, tensor<6x33x2x64xbf16>" in text
+
+  def loss(q, k, v, q_lengths):
+    return jnp.sum(batched(q, k, v, q_lengths)[0].astype(jnp.float32))
+
+  calls, _ = _custom_calls(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)),
+                                    in_axes=(0, None, None, None)),
+                           jnp.stack([qs, qs]), k, vs, lengths)
+  assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
+
+
+def test_cpu_reports_unavailable_and_registers_nothing(monkeypatch):
+  monkeypatch.undo()     # the real library, if one was built here
+  cuda.unavailable_reason.cache_clear()
+  reason = cuda.unavailable_reason()
+  assert reason is not None
+  assert ("does not exist" in reason or "backend is cpu" in reason), reason
+  assert library.register_targets.cache_info().currsize == 0
+
+
+def test_unsupported_reasons_name_the_argument():
+  q, k, v = _inputs(d=64)
+  assert cuda.unsupported_reason(q, k, v, CONFIG, MaskArrays()) is None
+  dropout = AttentionConfig(softmax_scale=1.0, dropout_rate=0.1)
+  assert cuda.unsupported_reason(q, k, v, dropout, MaskArrays()) == (
+      "dropout_rate > 0")
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  assert cuda.unsupported_reason(*f32, CONFIG, MaskArrays()) == (
+      "float32 inputs")
+
+
+def test_build_info_parsing_and_head_dims(monkeypatch):
+  info = library.BuildInfo.parse(
+      "fwd:bf16:128;bwd:bf16:128;fwd:bf16:64;fwd:f16:96;bwd:f16:96"
+      "|archs=80,90")
+  assert info.head_dims("bf16") == (128,)       # 64 lacks a backward
+  assert info.head_dims("f16") == (96,)
+  assert info.runs_on(86) and info.runs_on(90) and not info.runs_on(75)
+  assert not library.BuildInfo.parse("fwd:bf16:64|archs=90").runs_on(100)
+  loaded = library.Library(library.library_path(), None, info)
+  monkeypatch.setattr(library, "_load", lambda: loaded)
+  assert library.kernel_head_dim("bf16", 40) == 128
+  assert cuda.unsupported_reason(*_inputs(d=40, dv=8), CONFIG,
+                                 MaskArrays()) is None
+  big = _inputs(d=160)
+  assert cuda.unsupported_reason(*big, CONFIG, MaskArrays()) == (
+      "head dim 160 not compiled in this build (bf16)")
+
+
+# ---- Running the rules on CPU, with the reference computing each shard ----
+
+SEEN_SHAPES = []
+
+
+def _reference_forward(q, k, v, *masks, config, mask_names):
+  SEEN_SHAPES.append(q.shape)
+  return reference_attention(q, k, v, config,
+                             MaskArrays(**dict(zip(mask_names, masks))))
+
+
+def _reference_backward(q, k, v, out, dout, lse, *masks, config, mask_names):
+  del out
+  given = dict(zip(mask_names, masks))
+  slopes = given.pop("alibi_slopes", None)
+
+  def attend(q, k, v, slopes):
+    return reference_attention(q, k, v, config,
+                               MaskArrays(alibi_slopes=slopes, **given))
+
+  _, vjp = jax.vjp(attend, q, k, v, slopes)
+  grads = vjp((dout, jnp.zeros_like(lse)))
+  return grads if slopes is not None else grads[:3]
+
+
+primitives.register_lowerings(_reference_forward, _reference_backward, "cpu")
+
+
+def _sharded_masks(mesh, batch, sq, sk, heads, head_axis):
+  rng = np.random.default_rng(3)
+  return MaskArrays(
+      alibi_slopes=jax.device_put(
+          jnp.asarray(rng.uniform(0.1, 0.5, (batch, heads)), jnp.float32),
+          NamedSharding(mesh, P("data", head_axis))),
+      q_segment_ids=jax.device_put(
+          jnp.asarray(rng.integers(0, 2, (batch, sq)), jnp.int32),
+                                   NamedSharding(mesh, P("data"))),
+      kv_segment_ids=jax.device_put(
+          jnp.asarray(rng.integers(0, 2, (batch, sk)), jnp.int32),
+          NamedSharding(mesh, P("data"))),
+      kv_lengths=jax.device_put(jnp.array([20, 24, 3, 11], jnp.int32),
+                                NamedSharding(mesh, P("data"))))
+
+
+def _value_and_grads(q, k, v, masks, dout):
+  def attend(q, k, v, slopes):
+    out, _ = cuda.attention(q, k, v, CONFIG,
+                            masks._replace(alibi_slopes=slopes))
+    return out
+
+  out, vjp = jax.vjp(attend, q, k, v, masks.alibi_slopes)
+  return (out,) + vjp(dout)
+
+
+def _compile_and_run(shardy, fn, args):
+  """(compiled jit(fn), its results) under the chosen partitioner."""
+  previous = jax.config.jax_use_shardy_partitioner
+  jax.config.update("jax_use_shardy_partitioner", shardy)
+  try:
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, compiled(*args)
+  finally:
+    jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+@pytest.mark.parametrize("shardy", [True, False])
+@pytest.mark.parametrize("q_spec,local", [
+    (P("data", None, "model"), True),
+    (P("data"), True),
+    (P(None, "data"), False),    # sequence-sharded queries are gathered
+])
+def test_sharded_inputs_run_locally(shardy, q_spec, local):
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, k, v = random_qkv(1, 4, 16, 24, 8, 4, 32, dtype=jnp.bfloat16)
+  dout = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape),
+                     jnp.bfloat16)
+  kv_spec = q_spec if q_spec != P(None, "data") else P("data")
+  head_axis = "model" if len(q_spec) > 2 else None
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  args = (put(q, q_spec), put(k, kv_spec), put(v, kv_spec),
+          _sharded_masks(mesh, 4, 16, 24, 8, head_axis), put(dout, q_spec))
+  SEEN_SHAPES.clear()
+  compiled, got = _compile_and_run(shardy, _value_and_grads, args)
+  shapes = set(SEEN_SHAPES)
+  hlo = compiled.as_text()
+  expected = jax.jit(_value_and_grads)(
+      q, k, v, jax.device_get(args[3]), dout)
+  for a, e in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), atol=1e-2)
+  if local:
+    assert not [c for c in COLLECTIVES if c in hlo], hlo
+    heads = 2 if q_spec == P("data", None, "model") else 8
+    assert (2, 16, heads, 32) in shapes      # a shard, not the whole
+    assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, q_spec), 4)
+  else:
+    assert "all-gather" in hlo
+
+
+def test_vmap_runs_as_one_batch_on_cpu():
+  q, k, v = random_qkv(4, 2, 9, 12, 4, 2, 32, dtype=jnp.bfloat16)
+  qs = jnp.stack([q, 2 * q, -q], axis=1)
+  lengths = jnp.array([[3, 9], [12, 1], [0, 7]], jnp.int32)
+
+  def one(q, k, v, kv_lengths):
+    return cuda.attention(q, k, v, CONFIG, MaskArrays(kv_lengths=kv_lengths))
+
+  got = jax.jit(jax.vmap(one, in_axes=(1, None, None, 0)))(qs, k, v, lengths)
+  for i in range(3):
+    want = one(qs[:, i], k, v, lengths[i])
+    for a, e in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a[i], np.float32),
+                                 np.asarray(e, np.float32), atol=1e-6)
