@@ -1,0 +1,135 @@
+"""Command line: `python -m jax_flash.bench [--quick] [options]`.
+
+Writes, under --out: results.json (every record and the environment,
+rewritten after each case so an interrupted run keeps what it measured),
+results.md (the tables) and the PNG charts. `--from-json` rebuilds the
+tables and charts from earlier results files, merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import sys
+import time
+from typing import Any, Optional
+
+from jax_flash.bench import cases as grid
+from jax_flash.bench import environment, implementations, plots, report, runner
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(item) for item in text.split(","))
+
+
+def _names(text: str) -> list[str]:
+  return [item for item in text.split(",") if item]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+  """The command-line options."""
+  parser = argparse.ArgumentParser(
+      prog="python -m jax_flash.bench", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes, few repetitions: a smoke test on CPU")
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=pathlib.Path("bench_results"))
+  parser.add_argument("--kinds", type=_names, default=["mha", "gqa", "decode"],
+                      help="comma-separated subset of mha,gqa,decode")
+  parser.add_argument("--head-dims", type=_ints,
+                      help="restrict MHA/GQA cases to these D")
+  parser.add_argument("--seqlens", type=_ints,
+                      help="restrict MHA/GQA cases to these S")
+  parser.add_argument("--masks", choices=["both", "full", "causal"],
+                      default="both")
+  parser.add_argument("--modes", type=_names, default=list(grid.MODES))
+  parser.add_argument("--impls", type=_names,
+                      help="comma-separated names: " + ",".join(
+                          i.name for i in implementations.IMPLEMENTATIONS))
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--calls", type=int, default=30)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--max-round-seconds", type=float, default=0.5)
+  parser.add_argument("--compile-threads", type=int, default=8)
+  parser.add_argument("--time-limit", type=float,
+                      help="start no new case after this many seconds")
+  parser.add_argument("--no-plots", action="store_true")
+  parser.add_argument("--from-json", type=pathlib.Path, nargs="+",
+                      help="rebuild tables and charts from these results")
+  return parser.parse_args(argv)
+
+
+def select_cases(args: argparse.Namespace) -> list[grid.Case]:
+  """The grid the options ask for."""
+  chosen = grid.quick_grid() if args.quick else grid.default_grid()
+  masks = {"both": (False, True), "full": (False,), "causal": (True,)}[args.masks]
+  def keep(case: grid.Case) -> bool:
+    if case.kind not in args.kinds:
+      return False
+    if case.kind == "decode":
+      return True
+    return (case.causal in masks
+            and (args.head_dims is None or case.head_dim in args.head_dims)
+            and (args.seqlens is None or case.q_len in args.seqlens))
+  return [case for case in chosen if keep(case)]
+
+
+def write_outputs(records: list[dict[str, Any]], env: dict[str, Any],
+                  out: pathlib.Path, with_plots: bool) -> None:
+  """results.json, results.md and, when asked and possible, the charts."""
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(
+      json.dumps({"environment": env, "records": records}, indent=1))
+  (out / "results.md").write_text(report.markdown(records, env))
+  if with_plots:
+    missing = plots.available()
+    if missing:
+      print(f"no charts: {missing}")
+    else:
+      for path in plots.write_plots(records, out, env["device"]):
+        print(f"wrote {path}")
+
+
+def _rebuild(args: argparse.Namespace) -> None:
+  records, env = [], None
+  for path in args.from_json:
+    loaded = json.loads(path.read_text())
+    records += loaded["records"]
+    env = env or loaded["environment"]
+  write_outputs(records, env, args.out, not args.no_plots)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  """Runs the benchmark the options describe."""
+  args = parse_args(argv)
+  if args.from_json:
+    _rebuild(args)
+    return
+  if args.quick:
+    args.rounds, args.calls, args.warmup = 2, 3, 1
+  settings = runner.Settings(
+      rounds=args.rounds, calls=args.calls, warmup=args.warmup,
+      max_round_seconds=args.max_round_seconds, modes=tuple(args.modes),
+      compile_threads=args.compile_threads)
+  impls = implementations.by_name(args.impls)
+  command = shlex.join(["python", "-m", "jax_flash.bench"] + sys.argv[1:]
+                       if argv is None else
+                       ["python", "-m", "jax_flash.bench"] + argv)
+  env = environment.describe(command)
+  start = time.monotonic()
+  records = []
+  for index, case in enumerate(select_cases(args)):
+    if args.time_limit and time.monotonic() - start > args.time_limit:
+      print(f"time limit reached: stopping before {case.label()}")
+      break
+    records += runner.run_case(case, impls, settings, seed=index)
+    write_outputs(records, env, args.out, with_plots=False)
+  write_outputs(records, env, args.out, not args.no_plots)
+  print(report.markdown(records, env))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,182 @@
+"""Every attention a JAX user can pick, behind one small interface.
+
+Each implementation says whether it can run a case (and if not, why: the
+reason is printed in the report) and builds `attend(q, k, v) -> out` for it.
+JAX implementations take (B, S, H, D) arrays; PyTorch ones take the same
+memory layout viewed as (B, H, S, D), as `scaled_dot_product_attention`
+expects. Failures at compile or run time are caught by the runner and also
+become notes, so an implementation missing from an install never stops a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+from typing import Any, Callable, Optional
+
+from jax_flash.bench.cases import Case
+
+Attend = Callable[[Any, Any, Any], Any]
+
+MOSAIC_BLOCK_Q = 64
+"""Mosaic GPU attention query tile per warpgroup (two warpgroups per CTA)."""
+
+MOSAIC_BLOCK_KV = 128
+"""Mosaic GPU attention key tile; JAX's own example benchmark starts here."""
+
+MOSAIC_BLOCK_BWD = 64
+"""Mosaic GPU attention tiles of both backward kernels."""
+
+TRITON_MIN_BLOCK = 16
+"""Smallest tile `tl.dot` accepts, so the Triton kernel needs Sq >= 16."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One attention implementation.
+
+  Attributes:
+    name: short key used on the command line and in the JSON.
+    label: column heading in the tables and legend in the plots.
+    framework: "jax" or "torch".
+    ours: True for jax_flash's own implementations.
+    dtype: input dtype it must run in, overriding the case's (None: any).
+    applies_scale: False when the kernel has no softmax scale argument; the
+      runner then folds the scale into the query inputs.
+    needs_gpu: skip without trying when no GPU is present.
+    skip_reason: `skip_reason(case, mode)` returns why the case is known
+      not to run, or None.
+    build: `build(case)` returns `attend`, importing what it needs.
+    context: returns a context manager entered around each measurement.
+  """
+
+  name: str
+  label: str
+  framework: str
+  ours: bool
+  build: Callable[[Case], Attend]
+  dtype: Optional[str] = None
+  applies_scale: bool = True
+  needs_gpu: bool = True
+  skip_reason: Callable[[Case, str], Optional[str]] = lambda case, mode: None
+  context: Callable[[], Any] = contextlib.nullcontext
+
+
+def _jax_flash(implementation: str) -> Callable[[Case], Attend]:
+  def build(case: Case) -> Attend:
+    import jax_flash  # pylint: disable=import-outside-toplevel
+    def attend(q, k, v):
+      return jax_flash.flash_attention(q, k, v, causal=case.causal,
+                                       implementation=implementation)
+    return attend
+  return build
+
+
+def _jax_nn(implementation: str) -> Callable[[Case], Attend]:
+  def build(case: Case) -> Attend:
+    import jax  # pylint: disable=import-outside-toplevel
+    def attend(q, k, v):
+      return jax.nn.dot_product_attention(
+          q, k, v, is_causal=case.causal, implementation=implementation)
+    return attend
+  return build
+
+
+def _pallas_triton(case: Case) -> Attend:
+  module = importlib.import_module("jax.experimental.pallas.ops.gpu.attention")
+  def attend(q, k, v):
+    return module.mha(q, k, v, None, sm_scale=case.softmax_scale,
+                      causal=case.causal)
+  return attend
+
+
+def _pallas_triton_skip(case: Case, mode: str) -> Optional[str]:
+  del mode
+  if case.kv_heads != case.heads:
+    return "no GQA: needs as many K/V heads as query heads"
+  if case.q_len < TRITON_MIN_BLOCK:
+    return f"needs Sq >= {TRITON_MIN_BLOCK}"
+  return None
+
+
+def _pallas_mosaic(case: Case) -> Attend:
+  module = importlib.import_module(
+      "jax.experimental.pallas.ops.gpu.attention_mgpu")
+  config = module.TuningConfig(
+      block_q=MOSAIC_BLOCK_Q, block_kv=MOSAIC_BLOCK_KV, max_concurrent_steps=2,
+      causal=case.causal, block_q_dkv=MOSAIC_BLOCK_BWD,
+      block_kv_dkv=MOSAIC_BLOCK_BWD, block_q_dq=MOSAIC_BLOCK_BWD,
+      block_kv_dq=MOSAIC_BLOCK_BWD)
+  def attend(q, k, v):
+    return module.attention(q, k, v, config)
+  return attend
+
+
+def _pallas_mosaic_skip(case: Case, mode: str) -> Optional[str]:
+  if case.causal and mode != "fwd":
+    return "no causal backward"
+  if case.q_len % (2 * MOSAIC_BLOCK_Q):
+    return f"needs Sq to be a multiple of {2 * MOSAIC_BLOCK_Q}"
+  return None
+
+
+def _torch_sdpa(case: Case) -> Attend:
+  functional = importlib.import_module("torch.nn.functional")
+  # Older PyTorch releases lack enable_gqa: pass it only when needed.
+  extra = {"enable_gqa": True} if case.kv_heads != case.heads else {}
+  def attend(q, k, v):
+    return functional.scaled_dot_product_attention(
+        q, k, v, is_causal=case.causal, scale=case.softmax_scale, **extra)
+  return attend
+
+
+def _torch_backend(backend: str) -> Callable[[], Any]:
+  def context():
+    attention = importlib.import_module("torch.nn.attention")
+    return attention.sdpa_kernel(getattr(attention.SDPBackend, backend))
+  return context
+
+
+def _torch_skip(case: Case, mode: str) -> Optional[str]:
+  del mode
+  if case.causal and case.q_len != case.kv_len:
+    return "is_causal is top-left aligned when Sq != Sk"
+  return None
+
+
+IMPLEMENTATIONS: tuple[Implementation, ...] = (
+    # Tried everywhere: when the kernels cannot run, jax_flash's own error
+    # says why, and that reason is the note.
+    Implementation("jax_flash_cuda", "jax_flash CUDA", "jax", True,
+                   _jax_flash("cuda"), needs_gpu=False),
+    Implementation("jax_flash_xla", "jax_flash blockwise", "jax", True,
+                   _jax_flash("xla"), needs_gpu=False),
+    Implementation("jax_cudnn", "jax.nn cuDNN", "jax", False,
+                   _jax_nn("cudnn")),
+    Implementation("jax_xla", "jax.nn XLA", "jax", False, _jax_nn("xla"),
+                   needs_gpu=False),
+    Implementation("pallas_triton", "Pallas Triton mha", "jax", False,
+                   _pallas_triton, skip_reason=_pallas_triton_skip),
+    Implementation("pallas_mosaic", "Pallas Mosaic GPU (fp16)", "jax", False,
+                   _pallas_mosaic, dtype="float16", applies_scale=False,
+                   skip_reason=_pallas_mosaic_skip),
+    Implementation("torch_flash", "PyTorch SDPA flash", "torch", False,
+                   _torch_sdpa, skip_reason=_torch_skip,
+                   context=_torch_backend("FLASH_ATTENTION")),
+    Implementation("torch_cudnn", "PyTorch SDPA cuDNN", "torch", False,
+                   _torch_sdpa, skip_reason=_torch_skip,
+                   context=_torch_backend("CUDNN_ATTENTION")),
+)
+"""All implementations, jax_flash's first."""
+
+
+def by_name(names: Optional[list[str]] = None) -> list[Implementation]:
+  """The implementations named (all when `names` is None), in table order."""
+  if names is None:
+    return list(IMPLEMENTATIONS)
+  known = {impl.name for impl in IMPLEMENTATIONS}
+  unknown = sorted(set(names) - known)
+  if unknown:
+    raise ValueError(f"unknown implementations {unknown}; known: {sorted(known)}")
+  return [impl for impl in IMPLEMENTATIONS if impl.name in names]
