@@ -47,8 +47,10 @@ def _figure(records: list[Record], panels: list[tuple[str, list[Record]]],
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-  labels = list(dict.fromkeys(r["label"] for r in records
-                              if r["status"] == "ok"))
+  # Implementation order (records come in it), so colours are stable.
+  measured = {r["label"] for r in records if r["status"] == "ok"}
+  labels = [l for l in dict.fromkeys(r["label"] for r in records)
+            if l in measured]
   rows = -(-len(panels) // columns)
   figure, grid = pyplot.subplots(rows, columns, squeeze=False,
                                  figsize=(6.5 * columns, 3.6 * rows))

@@ -97,9 +97,24 @@ def _record(case: Case, impl: Implementation, mode: str, *,
   return record
 
 
+_compiled_once: set[str] = set()
+"""Implementations this process has compiled a program of."""
+
+
 def _compile(impl: Implementation, case: Case,
              mode: str) -> jax_runner.CompiledMode:
   return jax_runner.compile_mode(impl.build(case), case, mode)
+
+
+def _compile_now(impl: Implementation, case: Case,
+                 mode: str) -> concurrent.futures.Future:
+  """Compiles on the calling thread; the result or error in a done future."""
+  future: concurrent.futures.Future = concurrent.futures.Future()
+  try:
+    future.set_result(_compile(impl, case, mode))
+  except Exception as error:  # pylint: disable=broad-except
+    future.set_exception(error)
+  return future
 
 
 def run_case(case: Case, impls: list[Implementation], settings: Settings,
@@ -131,9 +146,17 @@ def run_case(case: Case, impls: list[Implementation], settings: Settings,
       plan.append((impl, variant, mode, reason))
 
   with concurrent.futures.ThreadPoolExecutor(settings.compile_threads) as pool:
-    compiled = {(impl.name, mode): pool.submit(_compile, impl, variant, mode)
-                for impl, variant, mode, reason in plan
-                if reason is None and impl.framework == "jax"}
+    compiled = {}
+    for impl, variant, mode, reason in plan:
+      if reason is not None or impl.framework != "jax":
+        continue
+      if impl.name in _compiled_once:
+        compiled[(impl.name, mode)] = pool.submit(_compile, impl, variant, mode)
+      else:
+        # An implementation's first compilation may load a library and
+        # register custom calls, which need not be thread-safe: do it here.
+        _compiled_once.add(impl.name)
+        compiled[(impl.name, mode)] = _compile_now(impl, variant, mode)
     # Compilation autotunes on the device: let it finish before any timing.
     concurrent.futures.wait(compiled.values())
     inputs: dict[tuple[str, float], list[jax_runner.InputSet]] = {}
