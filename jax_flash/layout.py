@@ -60,3 +60,17 @@ def safe_log_normalizer(m: jax.Array, l: jax.Array
 def finite_or_zero(m: jax.Array) -> jax.Array:
   """Running max with -inf (nothing visible yet) replaced by 0."""
   return jnp.where(jnp.isneginf(m), 0.0, m)
+
+
+def zeros_varying_like(shape: tuple[int, ...], *arrays) -> jax.Array:
+  """float32 zeros of `shape` that vary wherever any of `arrays` varies.
+
+  Loop carries must have the same type as the loop body's results; inside
+  `shard_map` that type includes the mesh axes a value varies over, and plain
+  `jnp.zeros` varies over none. Adding a zero derived from each input gives
+  the initial carry exactly the variance of what the loop computes from them.
+  """
+  z = jnp.zeros(shape, jnp.float32)
+  for a in jax.tree_util.tree_leaves(arrays):
+    z = z + jnp.zeros_like(a, jnp.float32).reshape(-1)[:1]
+  return z

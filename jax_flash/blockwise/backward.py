@@ -50,6 +50,8 @@ def blockwise_backward(
   kh = layout.pad_axis(layout.heads_major(k), 2, tiling.padded_sk)
   vh = layout.pad_axis(layout.heads_major(v), 2, tiling.padded_sk)
   keep_scale = 1.0 / (1.0 - config.dropout_rate)
+  zeros = lambda shape: layout.zeros_varying_like(shape, q, k, v, out, lse,
+                                                  dout, dlse, masks)
 
   def one_key_block(carry, j):
     dq_acc, dalibi = carry
@@ -101,15 +103,14 @@ def blockwise_backward(
                                    preferred_element_type=jnp.float32)
       return dk_acc, dv_acc, dq_acc, dalibi
 
-    init = (jnp.zeros((batch, kv_heads, bk, d), jnp.float32),
-            jnp.zeros((batch, kv_heads, bk, dv), jnp.float32), dq_acc, dalibi)
+    init = (zeros((batch, kv_heads, bk, d)), zeros((batch, kv_heads, bk, dv)),
+            dq_acc, dalibi)
     first, end = query_block_range(tiling, config, masks, batch, j)
     dk_blk, dv_blk, dq_acc, dalibi = jax.lax.fori_loop(
         first, end, visit_query_block, init)
     return (dq_acc, dalibi), (dk_blk.astype(k.dtype), dv_blk.astype(v.dtype))
 
-  init = (jnp.zeros(score_shape + (tiling.padded_sq, d), jnp.float32),
-          jnp.zeros(score_shape, jnp.float32))
+  init = (zeros(score_shape + (tiling.padded_sq, d)), zeros(score_shape))
   (dq, dalibi), (dk, dv_) = jax.lax.scan(
       one_key_block, init, jnp.arange(tiling.num_k_blocks, dtype=jnp.int32))
   dq = layout.ungroup_queries(dq[:, :, :, :sq]).astype(q.dtype)

@@ -61,9 +61,9 @@ def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
           preferred_element_type=jnp.float32)
       return m_new, l, acc
 
-    init = (jnp.full(score_shape + (bq,), -jnp.inf, jnp.float32),
-            jnp.zeros(score_shape + (bq,), jnp.float32),
-            jnp.zeros(score_shape + (bq, dv), jnp.float32))
+    zeros = lambda shape: layout.zeros_varying_like(shape, q, k, v, masks)
+    init = (zeros(score_shape + (bq,)) - jnp.inf, zeros(score_shape + (bq,)),
+            zeros(score_shape + (bq, dv)))
     first, end = key_block_range(tiling, config, masks, batch, i)
     m, l, acc = jax.lax.fori_loop(first, end, visit_key_block, init)
     inv_l, lse = layout.safe_log_normalizer(layout.finite_or_zero(m), l)
