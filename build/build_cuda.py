@@ -151,6 +151,13 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   return library
 
 
+def build_from_env(resource_usage: bool = False) -> pathlib.Path:
+  """`build` with the archs and job count of the environment variables."""
+  archs = parse_archs(os.environ.get("JAX_FLASH_CUDA_ARCHS", DEFAULT_ARCHS))
+  jobs = int(os.environ.get("JAX_FLASH_BUILD_JOBS", os.cpu_count() or 1))
+  return build(archs, jobs, resource_usage=resource_usage)
+
+
 def main() -> None:
   """Command line entry point."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,9 +165,7 @@ def main() -> None:
                       help="recompile everything and print ptxas register "
                       "and spill counts")
   args = parser.parse_args()
-  archs = parse_archs(os.environ.get("JAX_FLASH_CUDA_ARCHS", DEFAULT_ARCHS))
-  jobs = int(os.environ.get("JAX_FLASH_BUILD_JOBS", os.cpu_count() or 1))
-  build(archs, jobs, resource_usage=args.resource_usage)
+  build_from_env(resource_usage=args.resource_usage)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ namespace jax_flash {
 // memory 128 query rows of reuse; more would need more warps or registers.
 constexpr int fwd_block_m(int /*head_dim*/) { return 128; }
 
-// Forward, keys per mainloop step. Small head dims take 128 keys: the score
-// tile (32 rows x 128 keys per warp = 128 floats a thread) still fits in
-// registers next to the small output accumulator, and each barrier covers
-// twice the work. From 96 on, the output accumulator grows and 64 keys keep
-// the kernel at or under 255 registers without spills.
-constexpr int fwd_block_n(int head_dim) { return head_dim <= 64 ? 128 : 64; }
+// Forward, keys per mainloop step. 64 for every head dim: with 128, the
+// score tile (32 rows x 128 keys per warp, 128 floats a thread) plus the
+// output accumulator made ptxas spill even at head dim 64.
+constexpr int fwd_block_n(int /*head_dim*/) { return 64; }
 
 // Forward, warps per CTA. Up to 128, 4 warps of 32 rows each: every K/V
 // fragment read from shared memory feeds two m16 row blocks, halving the

@@ -1,0 +1,293 @@
+"""GPU check of the CUDA forward kernel: correctness against the float32
+reference, then speed against PyTorch's FlashAttention-2 (sdpa flash backend).
+
+Calls the handler directly through `jax.ffi.ffi_call("jax_flash_fwd", ...)`
+(no jax_flash.cuda glue), so it tests csrc/ alone. Needs a GPU, the built
+jax_flash/_lib/libjax_flash_cuda.so, and torch for the timings.
+
+  PYTHONPATH=. python3 build/check_fwd.py [--skip-timing] [--log DIR]
+
+Rule per case: err(kernel) <= 2 * err(reference in the input dtype) + atol,
+errors measured against the float32 reference; out and lse both; every
+output element finite (lse -inf exactly where the reference has -inf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.reference import reference_attention
+
+LIB = (pathlib.Path(__file__).resolve().parent.parent / "jax_flash" / "_lib" /
+       "libjax_flash_cuda.so")
+
+
+def register(path: pathlib.Path) -> str:
+  """Loads the library, registers jax_flash_fwd; returns its build info."""
+  lib = ctypes.CDLL(str(path))
+  lib.jax_flash_build_info.restype = ctypes.c_char_p
+  jax.ffi.register_ffi_target("jax_flash_fwd",
+                              jax.ffi.pycapsule(lib.JaxFlashFwd),
+                              platform="CUDA")
+  return lib.jax_flash_build_info().decode()
+
+
+def empty(dtype) -> jax.Array:
+  return jnp.zeros((0,), dtype)
+
+
+def kernel_fwd(q, k, v, cfg: AttentionConfig, masks: MaskArrays):
+  """out, lse from the custom call."""
+  b, sq, h, _ = q.shape
+  left, right = cfg.effective_window
+  call = jax.ffi.ffi_call(
+      "jax_flash_fwd",
+      (jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
+       jax.ShapeDtypeStruct((b, h, sq), jnp.float32)))
+  opt = lambda x, dt: empty(dt) if x is None else x
+  return call(q, k, v, opt(masks.alibi_slopes, jnp.float32),
+              opt(masks.q_segment_ids, jnp.int32),
+              opt(masks.kv_segment_ids, jnp.int32),
+              opt(masks.q_lengths, jnp.int32),
+              opt(masks.kv_lengths, jnp.int32),
+              softmax_scale=np.float32(cfg.softmax_scale),
+              window_left=np.int32(left), window_right=np.int32(right),
+              softcap=np.float32(cfg.softcap))
+
+
+@dataclasses.dataclass
+class Case:
+  """One correctness case."""
+  name: str
+  b: int = 2
+  sq: int = 257
+  sk: int = 257
+  h: int = 4
+  hkv: int = 2
+  d: int = 128
+  dtype: str = "bfloat16"
+  causal: bool = False
+  window: tuple[int, int] = (-1, -1)
+  softcap: float = 0.0
+  alibi: bool = False
+  segments: bool = False
+  q_lengths: Optional[tuple[int, ...]] = None
+  kv_lengths: Optional[tuple[int, ...]] = None
+
+
+def make_inputs(c: Case, seed: int):
+  rng = np.random.default_rng(seed)
+  dt = jnp.dtype(c.dtype)
+  q = jnp.asarray(rng.standard_normal((c.b, c.sq, c.h, c.d)), dt)
+  k = jnp.asarray(rng.standard_normal((c.b, c.sk, c.hkv, c.d)), dt)
+  v = jnp.asarray(rng.standard_normal((c.b, c.sk, c.hkv, c.d)), dt)
+  cfg = AttentionConfig(softmax_scale=c.d ** -0.5, causal=c.causal,
+                        window_left=c.window[0], window_right=c.window[1],
+                        softcap=c.softcap)
+  alibi = (jnp.asarray(rng.uniform(0.01, 0.5, (c.b, c.h)), jnp.float32)
+           if c.alibi else None)
+  qs = ks = None
+  if c.segments:
+    # Sorted ids with a few segments, as in packed sequences.
+    qs = jnp.asarray(np.sort(rng.integers(0, 3, (c.b, c.sq)), 1), jnp.int32)
+    ks = jnp.asarray(np.sort(rng.integers(0, 3, (c.b, c.sk)), 1), jnp.int32)
+  ql = None if c.q_lengths is None else jnp.asarray(c.q_lengths, jnp.int32)
+  kl = None if c.kv_lengths is None else jnp.asarray(c.kv_lengths, jnp.int32)
+  masks = MaskArrays(alibi_slopes=alibi, q_segment_ids=qs, kv_segment_ids=ks,
+                     q_lengths=ql, kv_lengths=kl)
+  return q, k, v, cfg, masks
+
+
+def poison(nbytes: int) -> None:
+  """Fills and frees a NaN buffer of nbytes, so that the allocator is likely
+  to hand that memory to the next call's outputs."""
+  x = jnp.full((nbytes // 4 + 1,), jnp.nan, jnp.float32)
+  x.block_until_ready()
+  del x
+
+
+def max_err(a, b) -> float:
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  both_inf = np.isneginf(a) & np.isneginf(b)
+  diff = np.where(both_inf, 0.0, np.abs(a - b))
+  return float(np.max(diff)) if diff.size else 0.0
+
+
+def check(c: Case, seed: int) -> dict:
+  q, k, v, cfg, masks = make_inputs(c, seed)
+  f32 = lambda x: x.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    ref_out, ref_lse = jax.jit(reference_attention, static_argnums=3)(
+        f32(q), f32(k), f32(v), cfg, masks)
+    low_out, low_lse = jax.jit(
+        lambda *a: reference_attention(*a, upcast=False),
+        static_argnums=3)(q, k, v, cfg, masks)
+  fn = jax.jit(kernel_fwd, static_argnums=3)
+  fn(q, k, v, cfg, masks)  # compile before poisoning
+  poison(q.size * 2 * 2 + c.b * c.h * c.sq * 4)
+  out, lse = fn(q, k, v, cfg, masks)
+  out = np.asarray(out.astype(jnp.float32))
+  lse = np.asarray(lse)
+  ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
+  finite = bool(np.all(np.isfinite(out)))
+  lse_ok = bool(np.all(np.isfinite(lse) | (np.isneginf(lse) &
+                                           np.isneginf(ref_lse))))
+  lse_inf_match = bool(np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)))
+  e_out = max_err(out, ref_out)
+  e_low = max_err(np.asarray(low_out.astype(jnp.float32)), ref_out)
+  e_lse = max_err(lse, ref_lse)
+  e_lse_low = max_err(np.asarray(low_lse), ref_lse)
+  ok = (finite and lse_ok and lse_inf_match and e_out <= 2 * e_low + 1e-5 and
+        e_lse <= 2 * e_lse_low + 1e-4)
+  return dict(name=c.name, ok=ok, err_out=e_out, err_out_lowp=e_low,
+              err_lse=e_lse, err_lse_lowp=e_lse_low, finite=finite,
+              lse_inf_match=lse_inf_match)
+
+
+def cases() -> list[Case]:
+  out = []
+  for d in (32, 64, 96, 128, 160, 192, 224, 256):
+    for causal in (False, True):
+      out.append(Case(f"d{d} causal={causal}", d=d, causal=causal))
+  out.append(Case("fp16 d64", d=64, dtype="float16"))
+  out.append(Case("fp16 d128 causal", d=128, dtype="float16", causal=True))
+  for sq, sk in ((1, 1), (1, 17), (17, 1), (17, 113), (113, 17),
+                 (257, 1000), (1000, 257), (1000, 1000)):
+    for causal in (False, True):
+      out.append(Case(f"sq{sq} sk{sk} causal={causal}", b=1, sq=sq, sk=sk,
+                      causal=causal))
+  m = dict(b=2, sq=300, sk=500, d=64)
+  out += [
+      Case("window(64,32)", window=(64, 32), **m),
+      Case("window(100,-1)", window=(100, -1), **m),
+      Case("window(-1,0)+causal sq>sk", b=2, sq=500, sk=300, d=64,
+           causal=True),
+      Case("softcap30", softcap=30.0, **m),
+      Case("alibi", alibi=True, **m),
+      Case("alibi causal", alibi=True, causal=True, **m),
+      Case("segments", segments=True, **m),
+      Case("lengths", q_lengths=(250, 1), kv_lengths=(499, 0), **m),
+      Case("lengths causal", q_lengths=(250, 300), kv_lengths=(100, 500),
+           causal=True, **m),
+      Case("everything", softcap=20.0, alibi=True, segments=True,
+           window=(128, 16), q_lengths=(280, 200), kv_lengths=(480, 300), **m),
+      Case("gqa 8:1", h=8, hkv=1, **m),
+      Case("gqa 8:8 d128 causal", h=8, hkv=8, d=128, causal=True, b=1,
+           sq=777, sk=777),
+  ]
+  return out
+
+
+def time_ours(b: int, s: int, h: int, d: int, causal: bool, reps: int = 20):
+  """Median seconds per call: `reps` chained calls in one jit (v <- out)."""
+  key = jax.random.PRNGKey(0)
+  kq, kk, kv = jax.random.split(key, 3)
+  shape = (b, s, h, d)
+  q = jax.random.normal(kq, shape, jnp.bfloat16)
+  k = jax.random.normal(kk, shape, jnp.bfloat16)
+  v = jax.random.normal(kv, shape, jnp.bfloat16)
+  cfg = AttentionConfig(softmax_scale=d ** -0.5, causal=causal)
+
+  @jax.jit
+  def chain(q, k, v):
+    for _ in range(reps):
+      v = kernel_fwd(q, k, v, cfg, MaskArrays())[0]
+    return v
+
+  chain(q, k, v).block_until_ready()
+  times = []
+  for _ in range(7):
+    t0 = time.perf_counter()
+    chain(q, k, v).block_until_ready()
+    times.append((time.perf_counter() - t0) / reps)
+  return float(np.median(times))
+
+
+def time_torch(b: int, s: int, h: int, d: int, causal: bool):
+  import torch  # pylint: disable=import-outside-toplevel
+  import triton.testing  # pylint: disable=import-outside-toplevel
+  from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
+  # (B, S, H, D) memory, seen as (B, H, S, D): the layout jax_flash uses.
+  mk = lambda: torch.randn(b, s, h, d, device="cuda",
+                           dtype=torch.bfloat16).transpose(1, 2)
+  q, k, v = mk(), mk(), mk()
+  with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    fn = lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal)
+    fn()
+    ms = triton.testing.do_bench(fn, warmup=100, rep=500,
+                                 return_mode="median")
+  return ms * 1e-3
+
+
+def attn_flops(b: int, s: int, h: int, d: int, causal: bool) -> float:
+  pairs = s * (s + 1) / 2 if causal else s * s
+  return 4.0 * b * h * pairs * d
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--skip-timing", action="store_true")
+  parser.add_argument("--log", type=pathlib.Path, default=None)
+  parser.add_argument("--lib", type=pathlib.Path, default=LIB)
+  args = parser.parse_args()
+  info = register(args.lib)
+  print("build:", info, "device:", jax.devices()[0].device_kind, flush=True)
+  results = []
+  for i, c in enumerate(cases()):
+    dt = "bf16" if c.dtype == "bfloat16" else "fp16"
+    if f"fwd:{dt}:{c.d}" not in info:
+      continue
+    try:
+      r = check(c, seed=i)
+    except Exception as e:  # pylint: disable=broad-except
+      r = dict(name=c.name, ok=False, error=repr(e)[:300])
+    results.append(r)
+    print(json.dumps(r), flush=True)
+  n_ok = sum(r["ok"] for r in results)
+  timings = []
+  if not args.skip_timing:
+    h, d = 16, 128
+    for s in (1024, 4096, 16384):
+      b = 16384 // s
+      for causal in (False, True):
+        ours = time_ours(b, s, h, d, causal)
+        theirs = time_torch(b, s, h, d, causal)
+        fl = attn_flops(b, s, h, d, causal)
+        timings.append(dict(s=s, b=b, causal=causal, ours_ms=ours * 1e3,
+                            fa2_ms=theirs * 1e3, ours_tflops=fl / ours / 1e12,
+                            fa2_tflops=fl / theirs / 1e12,
+                            ratio=theirs / ours))
+        print(json.dumps(timings[-1]), flush=True)
+  if args.log:
+    args.log.mkdir(parents=True, exist_ok=True)
+    (args.log / "check_fwd.json").write_text(
+        json.dumps(dict(build=info, results=results, timings=timings),
+                   indent=1))
+  print("\nfailed:", [r["name"] for r in results if not r["ok"]])
+  print(f"correctness: {n_ok}/{len(results)} passed")
+  if timings:
+    print(f"{'S':>6} {'B':>3} {'causal':>6} {'ours ms':>8} {'FA2 ms':>8} "
+          f"{'ours TF/s':>9} {'FA2 TF/s':>9} {'ratio':>6}")
+    for t in timings:
+      print(f"{t['s']:>6} {t['b']:>3} {str(t['causal']):>6} "
+            f"{t['ours_ms']:8.3f} {t['fa2_ms']:8.3f} {t['ours_tflops']:9.1f} "
+            f"{t['fa2_tflops']:9.1f} {t['ratio']:6.2f}")
+  sys.exit(0 if n_ok == len(results) else 1)
+
+
+if __name__ == "__main__":
+  main()
