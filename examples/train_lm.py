@@ -182,7 +182,10 @@ def make_train_step(graphdef: nnx.GraphDef,
 
 def generate(model: GPT, config: ModelConfig, prompt: np.ndarray,
              length: int, seed: int) -> np.ndarray:
-  """Samples `length` tokens after `prompt` with the attention cache."""
+  """Samples up to `length` tokens after `prompt` with the attention cache.
+
+  The sequence stops at the model's `max_len` positions.
+  """
   total = min(len(prompt) + length, config.max_len)
   for block in model.blocks:
     block.attention.init_cache((1, total, config.d_model), config.dtype)
@@ -212,7 +215,7 @@ def peak_memory() -> str:
   return f"{rss_kib / 2**10:.0f} MiB host RSS"
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
   """Command-line options; defaults depend on the platform."""
   on_gpu = jax.default_backend() == "gpu"
   default = {name: values[on_gpu] for name, values in DEFAULTS.items()}
@@ -234,7 +237,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   p.add_argument("--sample", type=int, default=200,
                  help="characters to generate at the end (0: none)")
   p.add_argument("--seed", type=int, default=0)
-  return p.parse_args(argv)
+  return p
 
 
 def build(args: argparse.Namespace, corpus: Corpus
@@ -249,69 +252,95 @@ def build(args: argparse.Namespace, corpus: Corpus
   return GPT(config, args.attention, nnx.Rngs(args.seed)), config
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, float]:
-  """Trains, evaluates and samples; returns the measured numbers."""
-  args = parse_args(argv)
-  corpus = Corpus.load()
-  model, config = build(args, corpus)
-  graphdef, params = nnx.split(model)
-  optimizer = make_optimizer(args.learning_rate, args.steps)
-  opt_state = optimizer.init(params)
-  train_step = jax.jit(make_train_step(graphdef, optimizer),
-                       donate_argnums=(0, 1))
-  eval_loss = jax.jit(make_loss_fn(graphdef))
-  rng = np.random.default_rng(args.seed)
-  tokens_per_step = args.batch_size * args.seq_len
+def describe(args: argparse.Namespace, params: nnx.State) -> None:
+  """Prints the run's settings."""
   num_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"attention={args.attention} backend={jax.default_backend()} "
-        f"params={num_params / 1e6:.2f}M batch={args.batch_size} "
-        f"seq_len={args.seq_len} dtype={args.dtype}")
+        f"devices={jax.device_count()} params={num_params / 1e6:.2f}M "
+        f"batch={args.batch_size} seq_len={args.seq_len} dtype={args.dtype}")
 
-  compiled = train_step.lower(params, opt_state,
-                              *corpus.batch(rng, args.batch_size,
-                                            args.seq_len)).compile()
-  analysis = compiled.memory_analysis()
-  step_temp_mib = (analysis.temp_size_in_bytes / 2**20
-                   if analysis is not None else float("nan"))
 
+def train(args: argparse.Namespace, corpus: Corpus, step_fn: Any,
+          params: nnx.State, opt_state: Any,
+          place: Callable[[np.ndarray], Any] = jnp.asarray
+          ) -> tuple[nnx.State, dict[str, float]]:
+  """Runs `args.steps` compiled steps, printing loss and tokens per second.
+
+  Args:
+    args: the command-line options.
+    corpus: the data.
+    step_fn: compiled (params, opt_state, inputs, targets) -> (params,
+      opt_state, loss).
+    params: initial parameters; opt_state: initial optimizer state.
+    place: puts a host batch on the devices.
+
+  Returns:
+    (params, numbers): the trained parameters; the first and last logged
+    losses and the throughput, which leaves out the first step.
+  """
+  rng = np.random.default_rng(args.seed)
+  tokens_per_step = args.batch_size * args.seq_len
   losses = []
   timed_steps, timed_seconds, last_logged = 0, 0.0, 0
   window_start = time.perf_counter()
   for step in range(1, args.steps + 1):
     inputs, targets = corpus.batch(rng, args.batch_size, args.seq_len)
-    params, opt_state, loss = compiled(params, opt_state, inputs, targets)
+    params, opt_state, loss = step_fn(params, opt_state, place(inputs),
+                                      place(targets))
     if step == 1 or step % args.log_every == 0 or step == args.steps:
       loss = float(loss)
       losses.append(loss)
       now = time.perf_counter()
-      if step == 1:
-        print(f"step {step:5d}  loss {loss:.3f}")
-      else:
+      line = f"step {step:5d}  loss {loss:.3f}"
+      if step > 1:
         steps_in_window = step - last_logged
-        tokens_per_s = steps_in_window * tokens_per_step / (now - window_start)
         timed_steps += steps_in_window
         timed_seconds += now - window_start
-        print(f"step {step:5d}  loss {loss:.3f}  {tokens_per_s:,.0f} tokens/s")
+        line += (f"  {steps_in_window * tokens_per_step / (now - window_start):,.0f}"
+                 " tokens/s")
+      print(line)
       last_logged = step
       window_start = time.perf_counter()
-
-  valid = [float(eval_loss(params, *corpus.batch(rng, args.batch_size,
-                                                 args.seq_len, "valid")))
-           for _ in range(4)]
   throughput = (timed_steps * tokens_per_step / timed_seconds
                 if timed_seconds else float("nan"))
-  result = {"first_loss": losses[0], "final_loss": losses[-1],
-            "valid_loss": float(np.mean(valid)), "tokens_per_s": throughput,
-            "step_temp_mib": step_temp_mib}
+  return params, {"first_loss": losses[0], "final_loss": losses[-1],
+                  "tokens_per_s": throughput}
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, float]:
+  """Trains, evaluates and samples; returns the measured numbers."""
+  args = make_parser().parse_args(argv)
+  corpus = Corpus.load()
+  model, config = build(args, corpus)
+  graphdef, params = nnx.split(model)
+  optimizer = make_optimizer(args.learning_rate, args.steps)
+  opt_state = optimizer.init(params)
+  describe(args, params)
+  example = corpus.batch(np.random.default_rng(0), args.batch_size,
+                         args.seq_len)
+  compiled = jax.jit(make_train_step(graphdef, optimizer),
+                     donate_argnums=(0, 1)).lower(params, opt_state,
+                                                  *example).compile()
+  analysis = compiled.memory_analysis()
+  step_temp_mib = (analysis.temp_size_in_bytes / 2**20
+                   if analysis is not None else float("nan"))
+
+  params, result = train(args, corpus, compiled, params, opt_state)
+
+  eval_loss = jax.jit(make_loss_fn(graphdef))
+  rng = np.random.default_rng(args.seed + 1)
+  result["valid_loss"] = float(np.mean([
+      eval_loss(params, *corpus.batch(rng, args.batch_size, args.seq_len,
+                                      "valid")) for _ in range(4)]))
+  result["step_temp_mib"] = step_temp_mib
   print(f"validation loss {result['valid_loss']:.3f}; training throughput "
-        f"{throughput:,.0f} tokens/s; peak memory {peak_memory()}; "
-        f"XLA temporaries per step {step_temp_mib:.1f} MiB")
+        f"{result['tokens_per_s']:,.0f} tokens/s; peak memory "
+        f"{peak_memory()}; XLA temporaries per step {step_temp_mib:.1f} MiB")
 
   if args.sample > 0:
     model = nnx.merge(graphdef, params)
-    prompt = corpus.valid[:32]
-    text = corpus.decode(generate(model, config, prompt, args.sample,
-                                  args.seed))
+    text = corpus.decode(generate(model, config, corpus.valid[:16],
+                                  args.sample, args.seed))
     print("sample:\n" + text)
   return result
 

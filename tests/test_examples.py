@@ -1,0 +1,63 @@
+"""A few training steps of each example, at tiny sizes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "examples")
+TINY = ["--steps", "8", "--log-every", "4", "--batch-size", "8",
+        "--seq-len", "32", "--d-model", "32", "--num-layers", "1",
+        "--num-heads", "4", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def train_lm():
+  sys.path.insert(0, EXAMPLES)
+  try:
+    import train_lm
+    yield train_lm
+  finally:
+    sys.path.remove(EXAMPLES)
+
+
+def test_train_lm_loss_falls_from_the_same_start(train_lm, capsys):
+  gqa = ["--num-kv-heads", "2"]
+  flash = train_lm.main(TINY + gqa + ["--attention", "flash", "--sample", "8"])
+  xla = train_lm.main(TINY + gqa + ["--attention", "xla", "--sample", "0"])
+  printed = capsys.readouterr().out
+  assert "tokens/s" in printed and "peak memory" in printed
+  assert "sample:" in printed
+  for result in (flash, xla):
+    assert result["final_loss"] < result["first_loss"] - 0.1
+    assert math.isfinite(result["valid_loss"])
+    assert result["tokens_per_s"] > 0
+  # Both attention layers have the same parameters, hence the same start.
+  assert abs(xla["first_loss"] - flash["first_loss"]) < 1e-4
+
+
+def test_sharded_training_attention_adds_no_collective():
+  script = (
+      "import json, sharded_training as s\n"
+      f"args = {TINY + ['--steps', '3']!r}\n"
+      "runs = {a: s.main(args + ['--attention', a]) for a in ('flash', 'xla')}\n"
+      "print('RESULT', json.dumps(runs))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=EXAMPLES,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh: {'data': 4, 'model': 2} over 8 cpu devices" in proc.stdout
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  runs = json.loads(line.split(" ", 1)[1])
+  flash, xla = runs["flash"], runs["xla"]
+  assert flash["attention_collectives"] == {}
+  # The data-parallel gradient all-reduce is there, and attention changes
+  # nothing about the step's collectives.
+  assert flash["step_collectives"].get("all-reduce", 0) > 0
+  assert flash["step_collectives"] == xla["step_collectives"]
+  assert math.isfinite(flash["final_loss"])
