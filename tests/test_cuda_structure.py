@@ -21,6 +21,9 @@ from jax_flash.cuda import library, primitives
 from jax_flash.reference import reference_attention
 
 CONFIG = AttentionConfig(softmax_scale=0.125, causal=True, softcap=20.0)
+on_cpu = pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="runs the primitives on the CPU backend (JAX_PLATFORMS=cpu)")
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
                "reduce-scatter")
 
@@ -82,9 +85,21 @@ def test_gradient_is_one_forward_and_one_backward_call(with_lse):
   assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
   call = re.search(r"custom_call @jax_flash_bwd\(.*", text).group(0)
   assert "deterministic = false" in call
-  # A used lse adds one column of v: 65 columns run at head dim 96.
+  # A used lse adds two columns to v: 66 columns run at head dim 96.
   width = 96 if with_lse else 64
   assert f"tensor<2x33x2x{width}xbf16>" in call
+
+
+def test_ring_attention_entry_points_are_single_calls():
+  q, k, v = _inputs(d=64)
+
+  def forward_then_backward(q, k, v):
+    out, lse = cuda.attention_forward(q, k, v, CONFIG, MaskArrays())
+    return cuda.attention_backward(q, k, v, out, lse, jnp.ones_like(out),
+                                   CONFIG, MaskArrays())
+
+  calls, _ = _custom_calls(forward_then_backward, q, k, v)
+  assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
 
 
 def test_alibi_gradient_comes_from_the_backward_call():
@@ -125,6 +140,7 @@ def test_vmap_over_several_axes_is_one_call():
   assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
 
 
+@on_cpu
 def test_cpu_reports_unavailable_and_registers_nothing(monkeypatch):
   monkeypatch.undo()     # the real library, if one was built here
   cuda.unavailable_reason.cache_clear()
@@ -191,6 +207,11 @@ def _reference_backward(q, k, v, out, dout, lse, *masks, config, mask_names):
 primitives.register_lowerings(_reference_forward, _reference_backward, "cpu")
 
 
+def _cpu_mesh(axis_type):
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2,
+                       devices=jax.devices("cpu")[:8])
+
+
 def _sharded_masks(mesh, batch, sq, sk, heads, head_axis):
   rng = np.random.default_rng(3)
   return MaskArrays(
@@ -228,6 +249,7 @@ def _compile_and_run(shardy, fn, args):
     jax.config.update("jax_use_shardy_partitioner", previous)
 
 
+@on_cpu
 @pytest.mark.parametrize("shardy", [True, False])
 @pytest.mark.parametrize("q_spec,local", [
     (P("data", None, "model"), True),
@@ -235,8 +257,7 @@ def _compile_and_run(shardy, fn, args):
     (P(None, "data"), False),    # sequence-sharded queries are gathered
 ])
 def test_sharded_inputs_run_locally(shardy, q_spec, local):
-  mesh = jax.make_mesh((2, 4), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh = _cpu_mesh(jax.sharding.AxisType.Auto)
   q, k, v = random_qkv(1, 4, 16, 24, 8, 4, 32, dtype=jnp.bfloat16)
   dout = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape),
                      jnp.bfloat16)
@@ -263,6 +284,7 @@ def test_sharded_inputs_run_locally(shardy, q_spec, local):
     assert "all-gather" in hlo
 
 
+@on_cpu
 def test_vmap_runs_as_one_batch_on_cpu():
   q, k, v = random_qkv(4, 2, 9, 12, 4, 2, 32, dtype=jnp.bfloat16)
   qs = jnp.stack([q, 2 * q, -q], axis=1)
@@ -277,3 +299,40 @@ def test_vmap_runs_as_one_batch_on_cpu():
     for a, e in zip(got, want):
       np.testing.assert_allclose(np.asarray(a[i], np.float32),
                                  np.asarray(e, np.float32), atol=1e-6)
+
+
+def _loss_and_grads(q, k, v):
+  def loss(q, k, v):
+    out, lse = cuda.attention(q, k, v, CONFIG, MaskArrays())
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@on_cpu
+def test_shard_map_calls_the_local_function():
+  mesh = _cpu_mesh(jax.sharding.AxisType.Auto)
+  q, k, v = random_qkv(5, 4, 16, 24, 8, 4, 32, dtype=jnp.bfloat16)
+  spec = P("data", None, "model")
+  per_shard = jax.shard_map(lambda q, k, v: _loss_and_grads(q, k, v)[1],
+                            mesh=mesh, in_specs=spec, out_specs=spec)
+  SEEN_SHAPES.clear()
+  got = jax.jit(per_shard)(q, k, v)
+  assert SEEN_SHAPES == [(2, 16, 2, 32)]
+  want = jax.jit(_loss_and_grads)(q, k, v)[1]
+  for a, e in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32), atol=2e-2)
+
+
+@on_cpu
+def test_explicit_sharding_types_flow_through():
+  mesh = _cpu_mesh(jax.sharding.AxisType.Explicit)
+  q, k, v = random_qkv(6, 4, 16, 24, 8, 4, 32, dtype=jnp.bfloat16)
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, P("data", None, "model"))
+    args = (put(q), put(k), put(v))
+    compiled = jax.jit(_loss_and_grads).lower(*args).compile()
+    _, grads = compiled(*args)
+  for x, g in zip(args, grads):
+    assert jax.typeof(g).sharding.spec == jax.typeof(x).sharding.spec
+  assert "all-gather" not in compiled.as_text()

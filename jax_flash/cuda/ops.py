@@ -67,16 +67,20 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
   """(dq, dk, dv, dalibi or None), with lse's cotangent dlse if not None.
 
   The kernel's dS = P * (dP - rowsum(dout * out)) lacks dlse's term
-  P * dlse. It is added through one extra value column: v gets ones (so
-  dP gains dout's extra entry, dlse), out gets zeros (so the row sum does
-  not), and the extra column of dv is dropped.
+  P * dlse. It is added through two extra value columns: v gets ones (so dP
+  gains dout's extra entries), out gets zeros (so the row sum does not), and
+  dout gets dlse split into a high and a low part in the input dtype, whose
+  sum keeps float32's precision (one part alone would round dlse to 8 bits,
+  an error dalibi sums over every key). The extra columns of dv are dropped.
   """
   head_dim, value_dim = q.shape[3], v.shape[3]
   if dlse is not None:
-    extra = lambda x, column: jnp.concatenate([x, column], axis=3)
-    v = extra(v, jnp.ones(v.shape[:3] + (1,), v.dtype))
-    out = extra(out, jnp.zeros(out.shape[:3] + (1,), out.dtype))
-    dout = extra(dout, jnp.swapaxes(dlse, 1, 2)[..., None].astype(dout.dtype))
+    dlse = jnp.swapaxes(dlse, 1, 2)[..., None]        # (B, Sq, H, 1)
+    high = dlse.astype(dout.dtype)
+    low = (dlse - high.astype(jnp.float32)).astype(dout.dtype)
+    v = jnp.concatenate([v, jnp.ones_like(v[..., :2])], axis=3)
+    out = jnp.concatenate([out, jnp.zeros_like(out[..., :2])], axis=3)
+    dout = jnp.concatenate([dout, high, low], axis=3)
   dim = _padded_dim(q.dtype, max(head_dim, v.shape[3]))
   pad = lambda x: layout.pad_axis(x, 3, dim)
   arrays, names = _given(masks)

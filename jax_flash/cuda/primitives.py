@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax._src import dispatch as _dispatch
 from jax.interpreters import batching, mlir
+from jax.sharding import PartitionSpec
 
 from jax_flash.config import AttentionConfig
 from jax_flash.cuda import lowering, partitioning
@@ -47,18 +47,28 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
                                mask_names=mask_names))
 
 
+# Results are derived with `aval.update` from the operand they mirror, so
+# they keep its sharding type (explicit sharding) and its manual-axis type
+# (inside shard_map) whatever form this JAX version gives those.
+
+
 def _forward_abstract(q, k, v, *masks, config, mask_names):
   del k, masks, config, mask_names
   batch, sq, heads, _ = q.shape
-  return (ShapedArray(q.shape[:3] + v.shape[3:], q.dtype),
-          ShapedArray((batch, heads, sq), jnp.float32))
+  spec = tuple(q.sharding.spec) + (None,) * (4 - len(q.sharding.spec))
+  lse_sharding = q.sharding.update(spec=PartitionSpec(spec[0], spec[2],
+                                                      spec[1]))
+  return (q.update(shape=q.shape[:3] + v.shape[3:], weak_type=False),
+          q.update(shape=(batch, heads, sq), dtype=jnp.float32,
+                   weak_type=False, sharding=lse_sharding))
 
 
 def _backward_abstract(q, k, v, out, dout, lse, *masks, config, mask_names):
-  del out, dout, lse, masks, config
-  grads = [ShapedArray(x.shape, x.dtype) for x in (q, k, v)]
+  del out, dout, lse, config
+  grads = [x.update(weak_type=False) for x in (q, k, v)]
   if "alibi_slopes" in mask_names:
-    grads.append(ShapedArray(q.shape[:1] + q.shape[2:3], jnp.float32))
+    grads.append(masks[mask_names.index("alibi_slopes")].update(
+        dtype=jnp.float32, weak_type=False))
   return grads
 
 
@@ -144,8 +154,11 @@ def register_lowerings(forward_local: Callable, backward_local: Callable,
 
 # custom_partitioning needs the devices of a sharded program while lowering;
 # JAX only assigns them then for primitives in this set (its own cuDNN
-# attention adds its primitives the same way).
-_dispatch.prim_requires_devices_during_lowering.update((forward_p, backward_p))
+# attention adds its primitives the same way). Without it (a JAX that dropped
+# the set), single-device programs still lower.
+_NEED_DEVICES = getattr(_dispatch, "prim_requires_devices_during_lowering",
+                        set())
+_NEED_DEVICES.update((forward_p, backward_p))
 
 
 register_lowerings(lowering.forward_call, lowering.backward_call, "cuda")

@@ -1,0 +1,192 @@
+"""The CUDA kernels through jax_flash.cuda, against the float32 reference.
+
+Skipped unless the library is built and the default backend is a CUDA GPU.
+Every case holds out, lse, dq, dk, dv (and dalibi) to FlashAttention's rule
+err(kernel) <= 2 * err(reference in the input dtype) + atol (numerics.py),
+with gradients through both out and lse.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_flash
+from conftest import random_qkv
+from jax_flash import cuda
+from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import library
+from numerics import check_against_reference, make_masks
+
+pytestmark = pytest.mark.skipif(cuda.unavailable_reason() is not None,
+                                reason=str(cuda.unavailable_reason()))
+
+DTYPE = jnp.bfloat16
+
+
+def _inputs(seed, batch, sq, sk, heads, kv_heads, d, dv=None, dtype=DTYPE):
+  q, k, v = random_qkv(seed, batch, sq, sk, heads, kv_heads, d, dv, dtype)
+  reason = cuda.unsupported_reason(q, k, v, AttentionConfig(1.0),
+                                   MaskArrays())
+  if reason is not None:
+    pytest.skip(reason)
+  return q, k, v
+
+
+def _config(d, **options):
+  return AttentionConfig(softmax_scale=d ** -0.5, **options)
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 113), (257, 257),
+                                   (1000, 1000), (1, 257), (113, 1000),
+                                   (1000, 17)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(sq, sk, causal):
+  q, k, v = _inputs(0, 2, sq, sk, 4, 2, 128)
+  check_against_reference(cuda.attention, q, k, v,
+                          _config(128, causal=causal), MaskArrays())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 4), (8, 1)])
+def test_gqa(heads, kv_heads):
+  q, k, v = _inputs(1, 2, 113, 257, heads, kv_heads, 128)
+  check_against_reference(cuda.attention, q, k, v, _config(128, causal=True),
+                          MaskArrays())
+
+
+@pytest.mark.parametrize("options,parts", [
+    (dict(window_left=32, window_right=8), {}),
+    (dict(causal=True, window_left=64), {}),
+    (dict(softcap=5.0), {}),
+    ({}, dict(alibi=True)),
+    ({}, dict(segments=True)),
+    ({}, dict(lengths=True)),
+    (dict(causal=True), dict(lengths=True)),
+    (dict(causal=True, softcap=10.0, window_left=50),
+     dict(alibi=True, segments=True, lengths=True)),
+])
+def test_masks(options, parts):
+  rng = np.random.default_rng(2)
+  q, k, v = _inputs(2, 3, 130, 200, 4, 2, 128)
+  masks = make_masks(rng, 3, 130, 200, 4, **parts)
+  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
+                          masks)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 64), (40, 40), (128, 64), (96, 128)])
+def test_padded_head_dims(d, dv):
+  q, k, v = _inputs(3, 2, 77, 91, 4, 2, d, dv)
+  check_against_reference(cuda.attention, q, k, v, _config(d, causal=True),
+                          MaskArrays())
+
+
+def test_float16():
+  q, k, v = _inputs(4, 2, 113, 113, 4, 2, 128, dtype=jnp.float16)
+  check_against_reference(cuda.attention, q, k, v, _config(128), MaskArrays())
+
+
+def _grads(config, masks=MaskArrays()):
+  def loss(q, k, v):
+    out, lse = cuda.attention(q, k, v, config, masks)
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(
+        jnp.where(jnp.isfinite(lse), lse, 0.0))
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def test_deterministic_gradients_are_bitwise_equal():
+  q, k, v = _inputs(5, 2, 1000, 1000, 8, 2, 128)
+  grads = _grads(_config(128, causal=True, deterministic=True))
+  first, second = grads(q, k, v), grads(q, k, v)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
+
+
+def test_forward_and_backward_entry_points_match_the_vjp():
+  q, k, v = _inputs(11, 2, 100, 130, 4, 2, 128)
+  config = _config(128, causal=True, deterministic=True)
+  dout = random_qkv(12, 2, 100, 130, 4, 2, 128, dtype=DTYPE)[0]
+  out, lse = jax.jit(cuda.attention_forward, static_argnums=3)(
+      q, k, v, config, MaskArrays())
+  grads = jax.jit(cuda.attention_backward, static_argnums=6)(
+      q, k, v, out, lse, dout, config, MaskArrays())
+  want_out, vjp = jax.vjp(
+      lambda q, k, v: cuda.attention(q, k, v, config, MaskArrays())[0],
+      q, k, v)
+  want = vjp(dout)
+  for a, b in zip((out,) + grads, (want_out,) + want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
+
+
+def test_public_api_runs_the_kernels():
+  q, k, v = _inputs(6, 2, 64, 64, 4, 4, 128)
+  out = jax_flash.flash_attention(q, k, v, causal=True, implementation="cuda")
+  want, _ = cuda.attention(q, k, v, _config(128, causal=True), MaskArrays())
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(want, np.float32))
+
+
+def _attend_one(q, k, v):
+  """Unbatched (S, H, D) attention through the batched kernel op."""
+  out, lse = cuda.attention(q[None], k[None], v[None],
+                            _config(q.shape[-1], causal=True), MaskArrays())
+  return out[0], lse[0]
+
+
+def test_vmap_and_grad_match_per_example_calls():
+  q, k, v = _inputs(7, 3, 65, 80, 4, 2, 128)
+  out, lse = jax.jit(jax.vmap(_attend_one, in_axes=(0, 0, 0)))(q, k, v)
+  loss = lambda q, k, v: jnp.sum(_attend_one(q, k, v)[0].astype(jnp.float32))
+  dq = jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, 0, 0)))(q, k, v)
+  for i in range(3):
+    want_out, want_lse = _attend_one(q[i], k[i], v[i])
+    np.testing.assert_array_equal(np.asarray(out[i], np.float32),
+                                  np.asarray(want_out, np.float32))
+    np.testing.assert_array_equal(lse[i], want_lse)
+    np.testing.assert_allclose(np.asarray(dq[i], np.float32), np.asarray(
+        jax.grad(loss)(q[i], k[i], v[i]), np.float32), atol=2e-2)
+
+
+def test_checkpoint_shard_map_and_pmap_agree_with_plain_grad():
+  q, k, v = _inputs(8, 2, 96, 96, 4, 2, 128)
+  config = _config(128, causal=True, deterministic=True)
+  plain = _grads(config)(q, k, v)
+
+  def loss(q, k, v):
+    out, lse = cuda.attention(q, k, v, config, MaskArrays())
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(
+        jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  per_device = jax.shard_map(
+      lambda q, k, v: jax.grad(loss, argnums=(0, 1, 2))(q, k, v),
+      mesh=mesh, in_specs=P(), out_specs=P())
+  sharded = jax.jit(per_device)(q, k, v)
+  pmapped = jax.pmap(jax.grad(loss, argnums=(0, 1, 2)))(
+      q[None], k[None], v[None])
+  for got in (remat, sharded, tuple(g[0] for g in pmapped)):
+    for a, b in zip(got, plain):
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b, np.float32))
+
+
+def test_batch_sharded_jit_matches_unsharded():
+  q, k, v = _inputs(9, 2, 96, 96, 4, 2, 128)
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+  grads = _grads(_config(128, deterministic=True))
+  for a, b in zip(grads(put(q), put(k), put(v)), grads(q, k, v)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
+
+
+def test_kernel_errors_surface_as_jax_errors(monkeypatch):
+  q, k, v = _inputs(10, 1, 64, 64, 2, 2, 128)
+  # The handler checks its scratch buffer; a too small one is its error.
+  monkeypatch.setattr(library, "bwd_workspace_bytes", lambda *shape: 0)
+  grads = _grads(_config(128))
+  with pytest.raises(Exception, match="jax_flash_bwd"):
+    jax.block_until_ready(grads(q, k, v))
