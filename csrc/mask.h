@@ -92,6 +92,31 @@ struct AttentionMask {
                            : min(q_len, last_k - offset + window_left + 1);
   }
 
+  // Keys query i sees by position: [row_key_begin(i), row_key_end(i)),
+  // empty for a query past q_len. Mainloops test two integers per element.
+  __device__ __forceinline__ int row_key_begin(int i) const {
+    return key_begin(i);
+  }
+  __device__ __forceinline__ int row_key_end(int i) const {
+    if (i >= q_len) return 0;
+    return window_right < 0 ? kv_len
+                            : min(kv_len, i + offset + window_right + 1);
+  }
+
+  // Keys [*lo, *hi) are visible to every query in [m0, m1) (queries past
+  // q_len aside, as in tile_needs_mask); empty with segment ids. Key tiles
+  // inside this range run without per-element masking.
+  __device__ __forceinline__ void unmasked_keys(int m0, int m1, int* lo,
+                                                int* hi) const {
+    if (q_segment_ids != nullptr) {
+      *lo = *hi = 0;
+      return;
+    }
+    *hi = window_right < 0 ? kv_len
+                           : min(kv_len, m0 + offset + window_right + 1);
+    *lo = window_left < 0 ? 0 : max(0, (m1 - 1) + offset - window_left);
+  }
+
   // False when every (i, j) in [m0, m1) x [n0, n1) is visible, so the tile
   // can skip per-element masking. Query rows past q_len count as visible
   // here: the forward zeroes them in its epilogue and the backward never
