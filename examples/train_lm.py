@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax_flash import dispatch
 from jax_flash.flax.nnx import FlashMultiHeadAttention
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
@@ -196,7 +197,6 @@ def generate(model: GPT, config: ModelConfig, prompt: np.ndarray,
 
   key = jax.random.key(seed)
   out = list(prompt)
-  logits = None
   for position in range(total - 1):
     token = out[position]
     logits = next_logits(model, jnp.asarray(token), jnp.asarray(position))
@@ -258,6 +258,10 @@ def describe(args: argparse.Namespace, params: nnx.State) -> None:
   print(f"attention={args.attention} backend={jax.default_backend()} "
         f"devices={jax.device_count()} params={num_params / 1e6:.2f}M "
         f"batch={args.batch_size} seq_len={args.seq_len} dtype={args.dtype}")
+  if args.attention == "flash":
+    reason = dispatch.cuda_unavailable_reason()
+    print("jax_flash: " + ("CUDA kernels" if reason is None else
+                           f"blockwise path ({reason})"))
 
 
 def train(args: argparse.Namespace, corpus: Corpus, step_fn: Any,

@@ -118,7 +118,8 @@ def random_qkv(seed, batch_shape, sq, sk, heads, kv_heads, d):
 @pytest.mark.parametrize("sq,sk", [(7, 19), (19, 7), (12, 12)])
 def test_is_causal_is_flax_top_left_mask(sq, sk):
   q, k, v = random_qkv(3, (2,), sq, sk, 4, 2, 16)
-  mask = jax.random.bernoulli(jax.random.key(4), 0.8, (2, 1, sq, sk))
+  # A different mask per query head, with GQA (4 query heads, 2 K/V heads).
+  mask = jax.random.bernoulli(jax.random.key(4), 0.8, (2, 4, sq, sk))
   mask = mask.at[..., 0].set(True)  # no query without keys
 
   @functools.partial(jax.jit, static_argnums=0)
