@@ -14,6 +14,19 @@
 
 namespace jax_flash {
 
+template <typename Traits>
+void launch_bwd_main(const BwdParams& p, const BwdScratch& scratch,
+                     int num_n_blocks, cudaStream_t stream) {
+  auto kernel = &flash_bwd_kernel<Traits>;
+  // Opt in above 48 KB of dynamic shared memory (no stream work).
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       Traits::kSmemBytes);
+  // Key tiles vary fastest: in deterministic mode the CTA of key tile n
+  // waits for tile n - 1 of the same (b, h), which then started earlier.
+  const dim3 grid(num_n_blocks, p.batch, p.num_heads_kv);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scratch);
+}
+
 // Computes dq, dk, dv (and dalibi) for tensors of type T and head dim
 // kHeadDim (= Dv); p.workspace holds jax_flash_bwd_workspace_bytes(...)
 // bytes. Stops at the first launch that fails; the caller checks
@@ -30,15 +43,10 @@ void run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
       <<<row_grid, 256, 0, stream>>>(p, scratch);
   if (cudaPeekAtLastError() != cudaSuccess) return;
 
-  auto kernel = &flash_bwd_kernel<Traits>;
-  // Opt in above 48 KB of dynamic shared memory (no stream work).
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       Traits::kSmemBytes);
-  // Key tiles vary fastest: in deterministic mode the CTA of key tile n
-  // waits for tile n - 1 of the same (b, h), which then started earlier.
-  const dim3 grid(num_n_blocks, p.batch, p.num_heads_kv);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scratch);
-  if (cudaPeekAtLastError() != cudaSuccess) return;
+  if (num_n_blocks > 0) {  // else no key: dK, dV are empty and dQ is 0
+    launch_bwd_main<Traits>(p, scratch, num_n_blocks, stream);
+    if (cudaPeekAtLastError() != cudaSuccess) return;
+  }
 
   bwd_convert_dq_kernel<T, kHeadDim, Traits::kBlockM>
       <<<row_grid, 256, 0, stream>>>(p, scratch, num_n_blocks);
