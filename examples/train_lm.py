@@ -53,7 +53,7 @@ class ModelConfig:
 
 # Command-line defaults per platform: (CPU, GPU).
 DEFAULTS = {
-    "steps": (300, 1000),
+    "steps": (400, 1000),
     "batch_size": (16, 16),
     "seq_len": (128, 2048),
     "d_model": (128, 512),
