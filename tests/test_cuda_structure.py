@@ -325,14 +325,19 @@ def test_shard_map_calls_the_local_function():
 
 
 @on_cpu
-def test_explicit_sharding_types_flow_through():
+def test_explicit_sharding_runs_per_shard():
   mesh = _cpu_mesh(jax.sharding.AxisType.Explicit)
   q, k, v = random_qkv(6, 4, 16, 24, 8, 4, 32, dtype=jnp.bfloat16)
+  SEEN_SHAPES.clear()
   with jax.set_mesh(mesh):
     put = lambda x: jax.device_put(x, P("data", None, "model"))
     args = (put(q), put(k), put(v))
     compiled = jax.jit(_loss_and_grads).lower(*args).compile()
     _, grads = compiled(*args)
-  for x, g in zip(args, grads):
-    assert jax.typeof(g).sharding.spec == jax.typeof(x).sharding.spec
+  assert set(SEEN_SHAPES) == {(2, 16, 2, 32)}
   assert "all-gather" not in compiled.as_text()
+  want = jax.jit(_loss_and_grads)(q, k, v)[1]
+  for x, g, e in zip(args, grads, want):
+    assert jax.typeof(g).sharding.spec == jax.typeof(x).sharding.spec
+    np.testing.assert_allclose(np.asarray(g, np.float32),
+                               np.asarray(e, np.float32), atol=2e-2)

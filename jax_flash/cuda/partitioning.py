@@ -7,18 +7,21 @@ in whole GQA groups, so a device holding KV head j holds all its query heads.
 
 Both partitioners are served: Shardy through the `sharding_rule`, GSPMD
 through `infer_sharding_from_operands`; `partition` (used by both) settles
-the final shardings from the query's.
+the final shardings from the query's. Operands with explicit sharding types
+already say how they are sharded at trace time: `per_shard` runs those
+under shard_map instead (custom_partitioning does not compile on explicit
+meshes in every JAX version).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jax_flash.config import AttentionConfig
 
@@ -95,13 +98,17 @@ def _local_axes(mesh, q_sharding, kv_heads: int, batch: int
   return batch_axes, head_axes
 
 
-def _shardings(mesh, names: Sequence[str], batch_axes: MeshAxes,
-               head_axes: MeshAxes) -> tuple[NamedSharding, ...]:
+def _specs(names: Sequence[str], batch_axes: MeshAxes,
+           head_axes: MeshAxes) -> tuple[PartitionSpec, ...]:
   """Each named array sharded over batch and heads only."""
   axes = {"b": batch_axes, "h": head_axes, "k": head_axes}
-  return tuple(NamedSharding(mesh, PartitionSpec(*(axes.get(c)
-                                                   for c in _DIMS[n])))
-               for n in names)
+  return tuple(PartitionSpec(*(axes.get(c) for c in _DIMS[n])) for n in names)
+
+
+def _shardings(mesh, names: Sequence[str], batch_axes: MeshAxes,
+               head_axes: MeshAxes) -> tuple[NamedSharding, ...]:
+  return tuple(NamedSharding(mesh, spec)
+               for spec in _specs(names, batch_axes, head_axes))
 
 
 def _decide(names: Names, mask_names: tuple[str, ...], mesh,
@@ -130,6 +137,30 @@ def _partition(names: Names, local_fn: Callable, config: AttentionConfig,
                                             arg_shapes)
   lower = functools.partial(local_fn, config=config, mask_names=mask_names)
   return mesh, lower, result_shardings, arg_shardings
+
+
+def per_shard(fn: Callable, names: Names, mask_names: tuple[str, ...],
+              operands: Sequence[jax.Array]) -> Optional[Sequence[jax.Array]]:
+  """fn(*operands) under shard_map when they have explicit sharding types.
+
+  Operands are resharded to batch and head sharding (the query's, as in
+  `partition`) and fn runs on each shard. Returns None, running nothing,
+  when the query's mesh has no explicit axis.
+  """
+  q, k = jax.typeof(operands[0]), jax.typeof(operands[1])
+  mesh = q.sharding.mesh
+  if AxisType.Explicit not in mesh.axis_types:
+    return None
+  batch_axes, head_axes = _local_axes(mesh, q.sharding, k.shape[2],
+                                      q.shape[0])
+  operand_names, result_names = names(mask_names)
+  in_specs = _specs(operand_names, batch_axes, head_axes)
+  operands = [jax.sharding.reshard(x, spec)
+              for x, spec in zip(operands, in_specs)]
+  return jax.shard_map(lambda *xs: tuple(fn(*xs)), mesh=mesh,
+                       in_specs=in_specs,
+                       out_specs=_specs(result_names, batch_axes, head_axes)
+                       )(*operands)
 
 
 def partitioned(local_fn: Callable, names: Names) -> Callable:

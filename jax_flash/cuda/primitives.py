@@ -33,8 +33,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array,
             masks: Sequence[jax.Array], *, config: AttentionConfig,
             mask_names: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
   """(out (B, Sq, H, Dv), lse (B, H, Sq) f32)."""
-  out, lse = forward_p.bind(q, k, v, *masks, config=config,
-                            mask_names=mask_names)
+  out, lse = _bind(forward_p, partitioning.forward_names, (q, k, v, *masks),
+                   config, mask_names)
   return out, lse
 
 
@@ -43,8 +43,17 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
              config: AttentionConfig,
              mask_names: tuple[str, ...]) -> tuple[jax.Array, ...]:
   """(dq, dk, dv), plus dalibi (B, H) f32 when alibi slopes are given."""
-  return tuple(backward_p.bind(q, k, v, out, dout, lse, *masks, config=config,
-                               mask_names=mask_names))
+  return tuple(_bind(backward_p, partitioning.backward_names,
+                     (q, k, v, out, dout, lse, *masks), config, mask_names))
+
+
+def _bind(primitive: Primitive, names: partitioning.Names,
+          operands: Sequence[jax.Array], config: AttentionConfig,
+          mask_names: tuple[str, ...]) -> Sequence[jax.Array]:
+  bind = functools.partial(primitive.bind, config=config,
+                           mask_names=mask_names)
+  results = partitioning.per_shard(bind, names, mask_names, operands)
+  return bind(*operands) if results is None else results
 
 
 # Results are derived with `aval.update` from the operand they mirror, so
