@@ -165,15 +165,20 @@ def test_dropout_same_mask_on_fast_and_dense_paths():
   q, k, v = random_qkv(8, (2,), 33, 33, 2, 1, 8)
   rng = jax.random.key(9)
   all_visible = jnp.ones((1, 1, 33, 33), bool)
-  fast = dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=rng)
-  dense = dot_product_attention(q, k, v, mask=all_visible, dropout_rate=0.4,
-                                dropout_rng=rng)
-  no_dropout = dot_product_attention(q, k, v)
+
+  @jax.jit
+  def run(q, k, v, rng):
+    return (dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=rng),
+            dot_product_attention(q, k, v, mask=all_visible, dropout_rate=0.4,
+                                  dropout_rng=rng),
+            dot_product_attention(q, k, v),
+            # deterministic=True switches dropout off, as in Flax.
+            dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=rng,
+                                  deterministic=True))
+
+  fast, dense, no_dropout, off = run(q, k, v, rng)
   assert_close(dense, fast, 2e-5)
   assert float(jnp.max(jnp.abs(fast - no_dropout))) > 0.1
-  # deterministic=True switches dropout off, as in Flax.
-  off = dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=rng,
-                              deterministic=True)
   assert_close(off, no_dropout, 0.0)
 
 
