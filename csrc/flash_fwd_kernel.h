@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "flash.h"
 #include "mask.h"
@@ -48,21 +49,32 @@ struct FwdKernelTraits {
                 "tile loads split evenly over the threads");
 };
 
-// Copies rows [0, rows) of a (tile_rows x D) tile from global memory (row
-// pitch `stride` elements) into shared memory; rows >= valid_rows are zeroed.
+// Copies a (kTileRows x D) tile from global memory (row pitch `stride`
+// elements) into shared memory; rows >= valid_rows are zero-filled. Each
+// thread copies whole 16-byte chunks at fixed columns of every kRowStep-th
+// row, so the trip counts are compile-time constants and the addresses are
+// one multiply per row.
 template <typename Traits, int kTileRows>
 __device__ __forceinline__ void load_tile(uint32_t smem, const typename
                                           Traits::T* gmem, int64_t stride,
                                           int valid_rows, int tid) {
   using T = typename Traits::T;
-  constexpr int kChunks = kTileRows * Traits::kChunksPerRow;
+  constexpr int kThreadsPerRow = gcd(Traits::kChunksPerRow, Traits::kNThreads);
+  constexpr int kRowStep = Traits::kNThreads / kThreadsPerRow;
+  static_assert(kTileRows % kRowStep == 0, "tile rows split evenly");
+  const int row0 = tid / kThreadsPerRow;
+  const int chunk0 = tid % kThreadsPerRow;
 #pragma unroll
-  for (int c = tid; c < kChunks; c += Traits::kNThreads) {
-    const int row = c / Traits::kChunksPerRow;
-    const int col = (c % Traits::kChunksPerRow) * 8;
+  for (int r = 0; r < kTileRows / kRowStep; ++r) {
+    const int row = row0 + r * kRowStep;
     const bool ok = row < valid_rows;
-    const T* src = ok ? gmem + row * stride + col : gmem;
-    cp_async_16(smem + (row * Traits::kPitch + col) * sizeof(T), src, ok);
+    const T* src = gmem + (ok ? row : 0) * stride;
+#pragma unroll
+    for (int c = 0; c < Traits::kChunksPerRow / kThreadsPerRow; ++c) {
+      const int col = (chunk0 + c * kThreadsPerRow) * 8;
+      cp_async_16(smem + (row * Traits::kPitch + col) * sizeof(T), src + col,
+                  ok);
+    }
   }
 }
 
@@ -79,7 +91,8 @@ __device__ __forceinline__ float* lse_tile(const FwdParams& p, int b, int h,
 }
 
 template <typename Traits, bool kScoreMod>
-__global__ void __launch_bounds__(Traits::kNThreads, 1)
+__global__ void __launch_bounds__(Traits::kNThreads,
+                                  fwd_min_ctas_per_sm(Traits::kHeadDim))
 flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   using T = typename Traits::T;
   constexpr int kBlockM = Traits::kBlockM;
@@ -185,7 +198,10 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   const int row_base = m0 + warp_row0 + g;  // + 16 * mb + 8 * r
 
   int stage = 0;
-  for (int n = n_hi; n >= n_lo; --n) {
+  // One mainloop step over key tile n. kMasked: apply the mask per element
+  // (a tile on a mask boundary); otherwise every score counts.
+  auto step = [&](int n, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
     const int n0 = n * kBlockN;
     const uint32_t k_tile = k_base + stage * kStageBytes;
     const uint32_t v_tile = v_base + stage * kStageBytes;
@@ -245,23 +261,42 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
         }
       }
     }
-    if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+    if (kMasked) {
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
+      for (int mb = 0; mb < kRowBlocks; ++mb) {
 #pragma unroll
-        for (int e1 = 0; e1 < 2; ++e1) {
-          const int j = n0 + nt * 8 + 2 * t + e1;
-          const int kv_seg = mask.has_segments() && j < mask.kv_len
-                                 ? mask.kv_segment_ids[j] : 0;
+        for (int r = 0; r < 2; ++r) {
+          const int i = row_base + 16 * mb + 8 * r;
+          // Columns of this lane are n0 + 8 nt + 2t + e: compare once per
+          // row against the row's visible key range, shifted to the tile.
+          const int lo = mask.row_key_begin(i) - n0 - 2 * t;
+          const int hi = mask.row_key_end(i) - n0 - 2 * t;
 #pragma unroll
-          for (int mb = 0; mb < kRowBlocks; ++mb) {
+          for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int i = row_base + 16 * mb + 8 * r;
-              const bool ok = mask.visible_by_position(i, j) &&
-                              (!mask.has_segments() ||
-                               mask.q_segment_ids[min(i, p.seqlen_q - 1)] == kv_seg);
-              if (!ok) s[mb][nt][2 * r + e1] = -INFINITY;
+            for (int e = 0; e < 2; ++e) {
+              const int jj = nt * 8 + e;
+              if (jj < lo || jj >= hi) s[mb][nt][2 * r + e] = -INFINITY;
+            }
+          }
+        }
+      }
+      if (mask.has_segments()) {
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = min(n0 + nt * 8 + 2 * t + e, p.seqlen_k - 1);
+            const int kv_seg = mask.kv_segment_ids[j];
+#pragma unroll
+            for (int mb = 0; mb < kRowBlocks; ++mb) {
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int i = min(row_base + 16 * mb + 8 * r, p.seqlen_q - 1);
+                if (mask.q_segment_ids[i] != kv_seg) {
+                  s[mb][nt][2 * r + e] = -INFINITY;
+                }
+              }
             }
           }
         }
@@ -305,7 +340,19 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
       }
     }
     stage ^= 1;
-  }
+  };
+
+  // Tiles wholly inside the unmasked key range skip the mask. Walking down
+  // from n_hi: boundary tiles (the diagonal, the ragged end), the unmasked
+  // middle, then boundary tiles of a left window.
+  int free_lo, free_hi;
+  mask.unmasked_keys(m0, m0 + kBlockM, &free_lo, &free_hi);
+  const int full_lo = max(n_lo, ceil_div(free_lo, kBlockN));
+  const int full_hi = min(n_hi, free_hi / kBlockN - 1);
+  int n = n_hi;
+  for (; n >= n_lo && n > full_hi; --n) step(n, std::true_type{});
+  for (; n >= full_lo; --n) step(n, std::false_type{});
+  for (; n >= n_lo; --n) step(n, std::true_type{});
 
   // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
   float inv_sum[kRowBlocks][2];
@@ -336,8 +383,10 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
     }
   }
   __syncwarp();
+  static_assert((Traits::kWarpRows * Traits::kChunksPerRow) % 32 == 0, "");
 #pragma unroll
-  for (int c = lane; c < Traits::kWarpRows * Traits::kChunksPerRow; c += 32) {
+  for (int it = 0; it < Traits::kWarpRows * Traits::kChunksPerRow / 32; ++it) {
+    const int c = lane + 32 * it;
     const int row = warp_row0 + c / Traits::kChunksPerRow;
     const int col = (c % Traits::kChunksPerRow) * 8;
     if (row < rows_here) {

@@ -30,27 +30,45 @@ struct OnlineSoftmax {
 
   // Folds score tile s in: s becomes the unnormalized probabilities
   // p = exp2(s * scale_log2 - max * scale_log2), and acc (the output rows)
-  // and the sums are rescaled to the new max. scale_log2 > 0.
+  // and the sums are rescaled when a row's max moves. scale_log2 > 0.
+  //
+  // The max kept is allowed to trail the true max by up to
+  // kRescaleThreshold (base 2): p then stays <= 2^kRescaleThreshold, far
+  // from overflow in float32 and exact in relative terms in 16 bits, and
+  // the 1 / sum at the end cancels the choice. Most tiles then leave every
+  // max in place, and the warp skips rescaling its accumulator.
   template <int kNTiles, int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kRowBlocks][kNTiles][4],
                                          float (&acc)[kRowBlocks][kDTiles][4],
                                          float scale_log2) {
+    constexpr float kRescaleThreshold = 8.f;
+    float rescale[kRowBlocks][2];
+    bool any_moved = false;
 #pragma unroll
     for (int mb = 0; mb < kRowBlocks; ++mb) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float m = row_max[mb][r];
+        float m = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
           m = fmaxf(m, fmaxf(s[mb][nt][2 * r], s[mb][nt][2 * r + 1]));
         }
         m = quad_max(m);
+        const float old = row_max[mb][r];
+        // A row's first visible scores always set its max.
+        const bool moved = old == -INFINITY
+                               ? m != -INFINITY
+                               : (m - old) * scale_log2 > kRescaleThreshold;
+        rescale[mb][r] = 1.f;
+        if (moved) {
+          rescale[mb][r] = exp2_approx((old - m) * scale_log2);
+          row_max[mb][r] = m;
+          any_moved = true;
+        }
         // A row with nothing visible yet keeps max -inf; subtract 0 so its
         // exp2 gives 0 rather than NaN.
-        const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-        const float rescale =
-            exp2_approx(row_max[mb][r] * scale_log2 - m_scaled);
-        row_max[mb][r] = m;
+        const float m_scaled =
+            row_max[mb][r] == -INFINITY ? 0.f : row_max[mb][r] * scale_log2;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
@@ -62,11 +80,19 @@ struct OnlineSoftmax {
             sum += p;
           }
         }
-        row_sum[mb][r] = fmaf(row_sum[mb][r], rescale, sum);
+        row_sum[mb][r] = fmaf(row_sum[mb][r], rescale[mb][r], sum);
+      }
+    }
+    // Warp-uniform: skip the accumulator pass when no row moved.
+    if (__any_sync(0xffffffffu, any_moved)) {
+#pragma unroll
+      for (int mb = 0; mb < kRowBlocks; ++mb) {
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
-          acc[mb][dt][2 * r] *= rescale;
-          acc[mb][dt][2 * r + 1] *= rescale;
+          acc[mb][dt][0] *= rescale[mb][0];
+          acc[mb][dt][1] *= rescale[mb][0];
+          acc[mb][dt][2] *= rescale[mb][1];
+          acc[mb][dt][3] *= rescale[mb][1];
         }
       }
     }

@@ -21,6 +21,13 @@ constexpr int fwd_block_n(int /*head_dim*/) { return 64; }
 // in registers, so 8 warps take 16 rows each.
 constexpr int fwd_num_warps(int head_dim) { return head_dim <= 128 ? 4 : 8; }
 
+// CTAs meant to share an SM; sets the register cap (__launch_bounds__).
+// Up to head dim 128 two CTAs of 4 warps fit (255 registers each thread,
+// about 100 KB of shared memory each); above, one CTA of 8 warps.
+constexpr int fwd_min_ctas_per_sm(int head_dim) {
+  return head_dim <= 128 ? 2 : 1;
+}
+
 // K and V tiles in flight: tile n+1 loads while tile n is multiplied.
 constexpr int fwd_kv_stages(int /*head_dim*/) { return 2; }
 
