@@ -22,10 +22,12 @@ starts, hence the environment variable set below).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
 import sys
+from typing import Optional
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS",
                                                                  ""):
@@ -80,7 +82,8 @@ def count_collectives(compiled: jax.stages.Compiled) -> collections.Counter:
   return +counts
 
 
-def attention_collectives(mesh: Mesh, args) -> collections.Counter:
+def attention_collectives(mesh: Mesh, args: argparse.Namespace
+                          ) -> collections.Counter:
   """Collectives in jax_flash attention's forward and backward alone.
 
   The output cotangent is an input, so no loss reduction (which would need
@@ -105,22 +108,30 @@ def attention_collectives(mesh: Mesh, args) -> collections.Counter:
   return count_collectives(compiled)
 
 
-def make_mesh(model_parallel: int) -> Mesh:
+def make_mesh(model_parallel: Optional[int], num_heads: int) -> Mesh:
+  """All devices as a ("data", "model") mesh.
+
+  The "model" axis defaults to 2 devices when the device count and the head
+  count allow it, else 1 (pure data parallelism).
+  """
   devices = np.asarray(jax.devices())
+  if model_parallel is None:
+    model_parallel = 2 if devices.size % 2 == 0 and num_heads % 2 == 0 else 1
   if devices.size % model_parallel:
     raise ValueError(f"--model-parallel {model_parallel} does not divide "
                      f"{devices.size} devices")
   return Mesh(devices.reshape(-1, model_parallel), ("data", "model"))
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[list[str]] = None) -> dict:
   """Trains on the mesh; returns the numbers and collective counts."""
   parser = train_lm.make_parser()
-  parser.add_argument("--model-parallel", type=int, default=2,
-                      help="size of the mesh's 'model' axis")
+  parser.add_argument("--model-parallel", type=int, default=None,
+                      help="size of the mesh's 'model' axis (default 2)")
   parser.set_defaults(steps=40, log_every=10, sample=0)
   args = parser.parse_args(argv)
-  mesh = make_mesh(args.model_parallel)
+  mesh = make_mesh(args.model_parallel,
+                   args.num_kv_heads or args.num_heads)
   print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} "
         f"{jax.default_backend()} devices")
 

@@ -300,8 +300,8 @@ def train(args: argparse.Namespace, corpus: Corpus, step_fn: Any,
         steps_in_window = step - last_logged
         timed_steps += steps_in_window
         timed_seconds += now - window_start
-        line += (f"  {steps_in_window * tokens_per_step / (now - window_start):,.0f}"
-                 " tokens/s")
+        rate = steps_in_window * tokens_per_step / (now - window_start)
+        line += f"  {rate:,.0f} tokens/s"
       print(line)
       last_logged = step
       window_start = time.perf_counter()

@@ -44,7 +44,8 @@ def test_sharded_training_attention_adds_no_collective():
   script = (
       "import json, sharded_training as s\n"
       f"args = {TINY + ['--steps', '3']!r}\n"
-      "runs = {a: s.main(args + ['--attention', a]) for a in ('flash', 'xla')}\n"
+      "runs = {a: s.main(args + ['--attention', a])\n"
+      "        for a in ('flash', 'xla')}\n"
       "print('RESULT', json.dumps(runs))\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")

@@ -66,8 +66,8 @@ def test_structured_masks_match_dense_masks():
 
   @jax.jit
   def run(params, x):
-    return [(layer.apply(params, x, **kwargs), layer.apply(params, x, mask=mask))
-            for kwargs, mask in cases]
+    return [(layer.apply(params, x, **kwargs),
+             layer.apply(params, x, mask=mask)) for kwargs, mask in cases]
 
   for fast, dense in run(params, x):
     assert_close(fast, dense)
@@ -142,7 +142,8 @@ def test_dropout():
   dropped = layer.apply(params, x, deterministic=False,
                         rngs={"dropout": jax.random.key(8)})
   explicit = [layer.apply(params, x, deterministic=False,
-                          dropout_rng=jax.random.key(seed)) for seed in (9, 9, 10)]
+                          dropout_rng=jax.random.key(seed))
+              for seed in (9, 9, 10)]
   assert float(jnp.max(jnp.abs(dropped - plain))) > 1e-2
   assert_close(explicit[1], explicit[0], 0.0)
   assert float(jnp.max(jnp.abs(explicit[2] - explicit[0]))) > 1e-2

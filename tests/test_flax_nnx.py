@@ -28,7 +28,8 @@ def pair(num_kv_heads=None, **kwargs):
           for cls in (nnx.MultiHeadAttention, FlashMultiHeadAttention)]
 
 
-@pytest.mark.parametrize("num_kv_heads,normalize_qk", [(None, True), (2, False)])
+@pytest.mark.parametrize("num_kv_heads,normalize_qk",
+                         [(None, True), (2, False)])
 def test_state_is_flax_state(num_kv_heads, normalize_qk):
   flax_layer, layer = pair(num_kv_heads, normalize_qk=normalize_qk)
   want, got = nnx.state(flax_layer, nnx.Param), nnx.state(layer, nnx.Param)

@@ -23,7 +23,7 @@ from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.flax.dense_mask import masked_attention
 
 SegmentIds = Any
-"""One (batch..., S) integer array (self-attention) or a pair (q_ids, kv_ids)."""
+"""One (batch..., S) integer array (self-attention), or a pair of them."""
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -55,7 +55,7 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
     dropout_rate, dropout_rng: attention dropout; the rate must be 0 (not
       merely ignored) when no dropout is wanted.
     implementation: passed to `jax_flash.flash_attention` on the fast path;
-      the dense path is always pure JAX.
+      the dense path is always pure JAX ("cuda" with a mask or bias raises).
 
   Returns:
     (batch..., Sq, H, Dv) in the query dtype.
@@ -79,6 +79,10 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
         dropout_rate=dropout_rate, dropout_rng=dropout_rng,
         implementation=implementation)
   else:
+    if implementation == "cuda":
+      raise ValueError("implementation='cuda' cannot serve a dense mask or "
+                       "bias; express the mask as causal, window_size, "
+                       "segment_ids or sequence lengths")
     validation.check_qkv(q, k, v)
     config, masks = _normalize(q, causal, window_size, ids, q_len, kv_len,
                                dropout_rate, dropout_rng)
