@@ -52,8 +52,8 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
       ((batch..., Sq), (batch..., Sk)).
     q_seq_lengths, kv_seq_lengths: integer lengths broadcastable to
       (batch...).
-    dropout_rate, dropout_rng: attention dropout; the rate must be 0 (not
-      merely ignored) when no dropout is wanted.
+    dropout_rate, dropout_rng: attention dropout, applied when the rate is
+      positive (callers pass 0 for deterministic calls).
     implementation: passed to `jax_flash.flash_attention` on the fast path;
       the dense path is always pure JAX ("cuda" with a mask or bias raises).
 
