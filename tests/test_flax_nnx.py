@@ -84,6 +84,14 @@ def test_decode_matches_full_sequence(chunks):
   assert_close(jnp.concatenate(outs, axis=1), want)
 
 
+def test_decode_with_a_float32_cache_and_bfloat16_layer():
+  layer = FlashMultiHeadAttention(HEADS, F, dtype=jnp.bfloat16, decode=True,
+                                  rngs=nnx.Rngs(0))
+  layer.init_cache((B, S, F))  # Flax's default cache dtype is float32
+  out = layer(inputs(shape=(B, 1, F)))
+  assert out.shape == (B, 1, F)
+
+
 def test_decode_step_matches_flax_decode():
   flax_layer, layer = pair(num_kv_heads=2)
   x = inputs()

@@ -41,7 +41,8 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
   Args:
     query: (batch..., Sq, H, D); key: (batch..., Sk, Hkv, D); value:
-      (batch..., Sk, Hkv, Dv), all of one dtype.
+      (batch..., Sk, Hkv, Dv); promoted to their common dtype (a cache kept
+      in float32 may meet bfloat16 queries).
     mask: boolean, broadcastable to (batch..., H, Sq, Sk); False hides a key.
       Selects the dense path.
     bias: float, broadcastable to (batch..., H, Sq, Sk), added to the scaled
@@ -58,7 +59,7 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
       the dense path is always pure JAX ("cuda" with a mask or bias raises).
 
   Returns:
-    (batch..., Sq, H, Dv) in the query dtype.
+    (batch..., Sq, H, Dv) in the common dtype.
   """
   batch_shape = query.shape[:-3]
   for name, x in (("key", key), ("value", value)):
@@ -66,7 +67,8 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
       raise ValueError(
           f"query and {name} must share their batch dimensions, got query "
           f"{query.shape} and {name} {x.shape}")
-  q, k, v = (_fold(x) for x in (query, key, value))
+  dtype = jnp.result_type(query, key, value)
+  q, k, v = (_fold(x).astype(dtype) for x in (query, key, value))
   sq, heads = query.shape[-3], query.shape[-2]
   sk = key.shape[-3]
   ids = _fold_segment_ids(segment_ids, batch_shape, sq, sk)
