@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from jax_flash import layout
+from jax_flash.blockwise import Tiling
+from jax_flash.blockwise.backward import blockwise_backward
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library, lowering, primitives
 from jax_flash.first_order import first_order_only
@@ -72,8 +74,14 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
   dout gets dlse split into a high and a low part in the input dtype, whose
   sum keeps float32's precision (one part alone would round dlse to 8 bits,
   an error dalibi sums over every key). The extra columns of dv are dropped.
+  Where no compiled head dim has room for them, the blockwise backward
+  serves the call.
   """
   head_dim, value_dim = q.shape[3], v.shape[3]
+  if dlse is not None and kernel_head_dim(
+      q.dtype, max(head_dim, value_dim + 2)) is None:
+    return blockwise_backward(q, k, v, out, lse, dout, dlse, config, masks,
+                              Tiling.create(q.shape[1], k.shape[1]))
   if dlse is not None:
     dlse = jnp.swapaxes(dlse, 1, 2)[..., None]        # (B, Sq, H, 1)
     high = dlse.astype(dout.dtype)
