@@ -316,6 +316,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--library", required=True)
   parser.add_argument("--out", type=pathlib.Path, default=None)
   parser.add_argument("--skip-timing", action="store_true")
+  parser.add_argument("--no-torch", action="store_true",
+                      help="time jax_flash only (e.g. under a profiler)")
   parser.add_argument("--seq-lens", default="1024,4096,16384")
   parser.add_argument("--checks", default=":",
                       help="slice of the check list to run, e.g. 26: or :0")
@@ -346,11 +348,13 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{' bitwise' if record.get('bitwise_repeat') else ''}", flush=True)
   rows = []
   if not args.skip_timing:
+    torch_impls = None
     try:
       from jax_flash.bench import implementations  # pylint: disable=import-outside-toplevel
-      torch_impls = implementations.by_name(["torch_flash"])
+      if not args.no_torch:
+        torch_impls = implementations.by_name(["torch_flash"])
     except Exception:  # pylint: disable=broad-except
-      torch_impls = None
+      pass
     for seq_len in (int(s) for s in args.seq_lens.split(",")):
       for causal in (False, True):
         rows.append(bench(library, seq_len, causal, torch_impls))

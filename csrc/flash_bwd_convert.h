@@ -1,6 +1,12 @@
 // Last backward kernel: dQ = softmax_scale * dq_accum, cast to T and written
-// in the (B, Sq, H, D) layout; the CTAs of query block 0 also sum the per
-// key tile dalibi partials in a fixed order.
+// in the (B, Sq, H, D) layout; the CTAs of query block 0 also reduce dalibi.
+//
+// dalibi[b, h] = sum_ij dS_ij * (-|d_ij|) with dS_ij = P_ij (dP_ij - delta_i).
+// The main kernel's delta = rowsum(dO * O) reads the stored 16-bit O; its
+// rounding error would reach dalibi through the all-positive weights |d|
+// (several percent at short windows). So the main kernel keeps per row
+// A = sum_j P dP |d|, B = sum_j P |d|, C = sum_j P dP (= delta, exactly as
+// the keys see it) and dalibi = sum_i (C_i B_i - A_i).
 #pragma once
 
 #include "flash.h"
@@ -12,8 +18,7 @@ namespace jax_flash {
 // One CTA per (block of kRows query rows, b, h).
 template <typename T, int kHeadDim, int kRows>
 __global__ void __launch_bounds__(256)
-bwd_convert_dq_kernel(const __grid_constant__ BwdParams p, BwdScratch s,
-                      int num_n_blocks) {
+bwd_convert_dq_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   constexpr int kChunks = kHeadDim / 4;  // float4 chunks per row
   const int b = blockIdx.y, h = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
@@ -29,13 +34,19 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams p, BwdScratch s,
     *reinterpret_cast<uint2*>(dq) = make_uint2(
         pack2<T>(v.x * scale, v.y * scale), pack2<T>(v.z * scale, v.w * scale));
   }
-  if (p.dalibi != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-    // Sequential sum: the same order on every run.
+  if (p.dalibi != nullptr && blockIdx.x == 0 && threadIdx.x < 32) {
+    // One warp, fixed lane strides and shuffle tree: the same order on
+    // every run.
     float total = 0.f;
-    for (int n = 0; n < num_n_blocks; ++n) {
-      total += s.dalibi_partial[bh * num_n_blocks + n];
+    for (int i = threadIdx.x; i < p.seqlen_q; i += 32) {
+      const float4 r = s.dalibi_rows[bh * p.seqlen_q + i];
+      total += r.z * r.y - r.x;
     }
-    p.dalibi[bh] = total;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      total += __shfl_xor_sync(0xffffffffu, total, off);
+    }
+    if (threadIdx.x == 0) p.dalibi[bh] = total;
   }
 }
 

@@ -9,12 +9,15 @@
 // GQA: looping the group's heads inside the CTA keeps dK and dV in registers
 // (no workspace, no second reduction kernel, deterministic by construction),
 // at the price of B * Hkv * Sk / kBlockN CTAs instead of B * H * Sk / kBlockN.
+// With alibi, each query row also collects the sums dalibi is made of
+// (flash_bwd_convert.h), added next to dQ and in the same order.
 // Deterministic mode orders the dQ additions: the CTA of key tile n adds to
 // query tile m only after the CTAs of key tiles 0..n-1 have (a semaphore per
 // (b, h, m) counts them), so every float sum runs in the same order.
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "flash.h"
 #include "flash_bwd_preprocess.h"
@@ -40,9 +43,12 @@ struct BwdKernelTraits {
   static constexpr int kTileK = kBlockN * kPitch;
   static constexpr int kTileP = kBlockM * kPitchP;
   // K, V; Q and dO twice (the next query tile loads during this one); P, dS;
-  // 8 floats for block reductions.
+  // then lse and delta of both stages (2 x 2 x kBlockM floats), the key
+  // tile's segment ids (kBlockN ints) and the dalibi row sums of the 4 warp
+  // columns (4 x kBlockM float4).
   static constexpr int kSmemBytes =
-      (2 * kTileK + 4 * kTileQ + 2 * kTileP) * sizeof(T) + 8 * sizeof(float);
+      (2 * kTileK + 4 * kTileQ + 2 * kTileP) * sizeof(T) +
+      (4 * kBlockM + kBlockN + 16 * kBlockM) * 4;
   static_assert(kSmemBytes <= 227 * 1024, "over the sm80/sm90 CTA limit");
 
   // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
@@ -97,24 +103,16 @@ __device__ __forceinline__ void semaphore_signal(int* sem, int value) {
   }
 }
 
-// Sum of `x` over the CTA, valid in thread 0; `scratch` holds 8 floats.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    x += __shfl_xor_sync(0xffffffffu, x, off);
-  }
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-  __syncthreads();
-  float total = 0.f;
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int w = 0; w < kBwdThreads / 32; ++w) total += scratch[w];
-  }
-  __syncthreads();
-  return total;
+// 4-byte global -> shared copy; zero-fills when !valid.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src,
+                                           bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
 }
 
-template <typename Traits>
+// kScoreMod: softcap or alibi is on (the launch picks); without it the
+// scale folds into exp2 and no per-element position arithmetic is left.
+template <typename Traits, bool kScoreMod>
 __global__ void __launch_bounds__(kBwdThreads, 1)
 flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   using T = typename Traits::T;
@@ -131,7 +129,11 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   T* sdO = sQ + 2 * Traits::kTileQ;  // 2 stages
   T* sP = sdO + 2 * Traits::kTileQ;
   T* sdS = sP + Traits::kTileP;
-  float* s_reduce = reinterpret_cast<float*>(sdS + Traits::kTileP);
+  float* s_lse = reinterpret_cast<float*>(sdS + Traits::kTileP);  // 2 stages
+  float* s_delta = s_lse + 2 * kBlockM;                           // 2 stages
+  int* s_kv_seg = reinterpret_cast<int*>(s_delta + 2 * kBlockM);
+  // Per warp column, per query row: (sum P dP |d|, sum P |d|, sum P dP).
+  float4* s_alibi = reinterpret_cast<float4*>(s_kv_seg + kBlockN);
 
   const int n_block = blockIdx.x, b = blockIdx.y, h_kv = blockIdx.z;
   const int group = p.num_heads / p.num_heads_kv;
@@ -139,7 +141,6 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
   const int n0 = n_block * kBlockN;
   const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
-  const int num_n_blocks = gridDim.x;
   const AttentionMask mask = AttentionMask::make(p, b);
 
   // Query tiles [m_begin, m_end) see some key of this tile.
@@ -161,10 +162,12 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
                n0 * p.k_row_stride + h_kv * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride +
                n0 * p.v_row_stride + h_kv * p.v_head_stride;
-  load_rows<kBlockN, kHeadDim, kPitch>(sK, k, p.k_row_stride, p.seqlen_k - n0, p.k);
-  load_rows<kBlockN, kHeadDim, kPitch>(sV, v, p.v_row_stride, p.seqlen_k - n0, p.v);
-  // Q and dO of step `step` into buffer `stage`.
-  auto load_q_do = [&](int step, int stage) {
+  load_rows<kBlockN, kHeadDim, kPitch>(sK, k, p.k_row_stride,
+                                       p.seqlen_k - n0, p.k);
+  load_rows<kBlockN, kHeadDim, kPitch>(sV, v, p.v_row_stride,
+                                       p.seqlen_k - n0, p.v);
+  // Q, dO, lse and delta of step `step` into buffer `stage`.
+  auto load_step = [&](int step, int stage) {
     const int h = h_kv * group + step / steps_per_head;
     const int m0 = (m_begin + step % steps_per_head) * kBlockM;
     load_rows<kBlockM, kHeadDim, kPitch>(
@@ -175,19 +178,28 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
         sdO + stage * Traits::kTileQ,
         dout + m0 * p.dout_row_stride + h * p.dout_head_stride,
         p.dout_row_stride, p.seqlen_q - m0, p.dout);
-  };
-  if (num_steps > 0) load_q_do(0, 0);
-  cp_async_commit();
-
-  const bool want_dalibi = p.dalibi != nullptr;
-  if (want_dalibi && threadIdx.x == 0) {
-    // Heads without a step keep a zero partial.
-    for (int g = 0; g < group; ++g) {
-      const int64_t bh = static_cast<int64_t>(b) * p.num_heads +
-                         h_kv * group + g;
-      s.dalibi_partial[bh * num_n_blocks + n_block] = 0.f;
+    const int t = threadIdx.x;
+    if (t < 2 * kBlockM) {
+      const int r = t % kBlockM, i = m0 + r;
+      const int64_t row = (static_cast<int64_t>(b) * p.num_heads + h) *
+                          p.seqlen_q + i;
+      const bool in = i < p.seqlen_q;
+      if (t < kBlockM) {
+        cp_async_4(s_lse + stage * kBlockM + r, in ? p.lse + row : p.lse, in);
+      } else {
+        cp_async_4(s_delta + stage * kBlockM + r,
+                   in ? s.delta + row : s.delta, in);
+      }
     }
+  };
+  if (num_steps > 0) load_step(0, 0);
+  cp_async_commit();
+  if (threadIdx.x < kBlockN) {
+    const int j = n0 + threadIdx.x;
+    s_kv_seg[threadIdx.x] = mask.has_segments() && j < p.seqlen_k
+        ? mask.kv_segment_ids[j] : 0;
   }
+
   // Deterministic order: this CTA passes every query tile's semaphore, also
   // of tiles it has nothing to add to (before and after its own range).
   auto pass_semaphores = [&](int m_from, int m_to) {
@@ -212,34 +224,21 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   const int dq_row0 = (warp / 2) * (kBlockM / 4);
   const int dq_col0 = (warp % 2) * (kHeadDim / 2);
 
-  // Segment ids of this thread's key columns, read once.
-  int kv_seg[kSN8][2];
-#pragma unroll
-  for (int nj = 0; nj < kSN8; ++nj) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int j = n0 + s_col0 + nj * 8 + quad_col + e;
-      kv_seg[nj][e] = mask.has_segments() && j < p.seqlen_k
-          ? mask.kv_segment_ids[j] : 0;
-    }
-  }
-
   float acc_dk[Traits::kKvM16][Traits::kKvN8][4];
   float acc_dv[Traits::kKvM16][Traits::kKvN8][4];
   zero(acc_dk);
   zero(acc_dv);
   const Softcap softcap = Softcap::make(p);
-  float dalibi_sum = 0.f;
+  const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
 
   for (int step = 0; step < num_steps; ++step) {
     const int stage = step % 2;
-    const int g = step / steps_per_head;
-    const int h = h_kv * group + g;
+    const int h = h_kv * group + step / steps_per_head;
     const int m0 = (m_begin + step % steps_per_head) * kBlockM;
     const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
     cp_async_wait<0>();
     __syncthreads();
-    if (step + 1 < num_steps) load_q_do(step + 1, stage ^ 1);
+    if (step + 1 < num_steps) load_step(step + 1, stage ^ 1);
     cp_async_commit();
     const T* sQ_cur = sQ + stage * Traits::kTileQ;
     const T* sdO_cur = sdO + stage * Traits::kTileQ;
@@ -256,50 +255,90 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
         acc_dp, sdO_cur + s_row0 * kPitch, kPitch, sV + s_col0 * kPitch,
         kPitch);
 
-    // Per row: lse in the log2 domain (+inf where the row sees no key, so
-    // that P = 0), delta, segment id.
-    float lse2[kSM16][2], delta[kSM16][2];
-    int q_seg[kSM16][2];
-#pragma unroll
-    for (int mi = 0; mi < kSM16; ++mi) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int i = m0 + s_row0 + mi * 16 + quad_row + 8 * e;
-        const bool in = i < p.seqlen_q;
-        const float lse = in ? p.lse[bh * p.seqlen_q + i] : -INFINITY;
-        lse2[mi][e] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-        delta[mi][e] = in ? s.delta[bh * p.seqlen_q + i] : 0.f;
-        q_seg[mi][e] = mask.has_segments() && in ? mask.q_segment_ids[i] : 0;
-      }
-    }
-    const bool need_mask =
-        mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN);
+    // P = exp(logit - lse) and dS = P * (dP - delta) * d(softcap), in place
+    // of S and dP. kMasked: some element of the tile is invisible.
     const Alibi alibi = Alibi::make(p, b, h, mask);
-    // P = exp(logit - lse); dS = P * (dP - delta) * d(softcap).
+    float alibi_rows[kSM16][2][3] = {};
+    auto probs_and_grads = [&](auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
 #pragma unroll
-    for (int mi = 0; mi < kSM16; ++mi) {
+      for (int mi = 0; mi < kSM16; ++mi) {
 #pragma unroll
-      for (int nj = 0; nj < kSN8; ++nj) {
+        for (int e = 0; e < 2; ++e) {
+          const int r = s_row0 + mi * 16 + quad_row + 8 * e, i = m0 + r;
+          // lse in the log2 domain; +inf for a row that sees no key (or
+          // past Sq), so that P = 0 there.
+          const float lse = s_lse[stage * kBlockM + r];
+          const float lse2 = i < p.seqlen_q && lse != -INFINITY
+              ? lse * kLog2e : INFINITY;
+          const float delta = s_delta[stage * kBlockM + r];
+          int key_lo = 0, key_hi = 0, q_seg = 0;
+          if constexpr (kMasked) {
+            key_lo = mask.row_key_begin(i);
+            key_hi = mask.row_key_end(i);
+            q_seg = mask.has_segments() && i < p.seqlen_q
+                ? mask.q_segment_ids[i] : 0;
+          }
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int i = m0 + s_row0 + mi * 16 + quad_row + 8 * (r / 2);
-          const int j = n0 + s_col0 + nj * 8 + quad_col + r % 2;
-          const float capped = softcap.enabled()
-              ? softcap(acc_s[mi][nj][r] * p.softmax_scale)
-              : acc_s[mi][nj][r] * p.softmax_scale;
-          const float logit =
-              alibi.enabled() ? capped + alibi(i, j) : capped;
-          const bool visible = !need_mask ||
-              (mask.visible_by_position(i, j) &&
-               q_seg[mi][r / 2] == kv_seg[nj][r % 2]);
-          const float prob =
-              visible ? exp2_approx(logit * kLog2e - lse2[mi][r / 2]) : 0.f;
-          float ds = prob * (acc_dp[mi][nj][r] - delta[mi][r / 2]);
-          // d logit / d slope = -|d|: before the softcap derivative.
-          if (want_dalibi) dalibi_sum += ds * alibi.grad_slope(i, j);
-          if (softcap.enabled()) ds *= softcap.grad_from_output(capped);
-          acc_s[mi][nj][r] = prob;
-          acc_dp[mi][nj][r] = ds;
+          for (int nj = 0; nj < kSN8; ++nj) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              float& sv = acc_s[mi][nj][2 * e + c];
+              float& dpv = acc_dp[mi][nj][2 * e + c];
+              const int jt = s_col0 + nj * 8 + quad_col + c, j = n0 + jt;
+              float prob, capped = 0.f;
+              if constexpr (kScoreMod) {
+                capped = softcap.enabled() ? softcap(sv * p.softmax_scale)
+                                           : sv * p.softmax_scale;
+                const float logit =
+                    alibi.enabled() ? capped + alibi(i, j) : capped;
+                prob = exp2_approx(logit * kLog2e - lse2);
+              } else {
+                prob = exp2_approx(sv * p.softmax_scale_log2 - lse2);
+              }
+              if constexpr (kMasked) {
+                const bool visible = j >= key_lo && j < key_hi &&
+                                     q_seg == s_kv_seg[jt];
+                prob = visible ? prob : 0.f;
+              }
+              float ds = prob * (dpv - delta);
+              if constexpr (kScoreMod) {
+                if (want_dalibi) {
+                  // d logit / d slope = -|d|; summed per row with the
+                  // row's own delta by the dalibi reduction.
+                  const float dist = -alibi.grad_slope(i, j);
+                  const float pdp = prob * dpv;
+                  alibi_rows[mi][e][0] += pdp * dist;
+                  alibi_rows[mi][e][1] += prob * dist;
+                  alibi_rows[mi][e][2] += pdp;
+                }
+                if (softcap.enabled()) ds *= softcap.grad_from_output(capped);
+              }
+              sv = prob;
+              dpv = ds;
+            }
+          }
+        }
+      }
+    };
+    if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+      probs_and_grads(std::true_type{});
+    } else {
+      probs_and_grads(std::false_type{});
+    }
+    if (want_dalibi) {
+      // Row sums of this warp's columns, to shared memory per warp column.
+#pragma unroll
+      for (int mi = 0; mi < kSM16; ++mi) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float sums[3];
+#pragma unroll
+          for (int x = 0; x < 3; ++x) sums[x] = quad_sum(alibi_rows[mi][e][x]);
+          if (lane % 4 == 0) {
+            s_alibi[(warp % 4) * kBlockM + s_row0 + mi * 16 + quad_row +
+                    8 * e] = make_float4(sums[0], sums[1], sums[2], 0.f);
+          }
         }
       }
     }
@@ -357,15 +396,23 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
         }
       }
     }
-    if (p.deterministic) semaphore_signal(sem, n_block + 1);
-    if (want_dalibi && (step + 1) % steps_per_head == 0) {
-      // Last query tile of head h: this CTA's share of dalibi[b, h].
-      const float total = block_sum(dalibi_sum, s_reduce);
-      if (threadIdx.x == 0) {
-        s.dalibi_partial[bh * num_n_blocks + n_block] = total;
+    if (want_dalibi && threadIdx.x < kBlockM &&
+        m0 + threadIdx.x < p.seqlen_q) {
+      // The 4 warp columns in a fixed order, then one add per row.
+      float4 sum = s_alibi[threadIdx.x];
+#pragma unroll
+      for (int w = 1; w < 4; ++w) {
+        const float4 part = s_alibi[w * kBlockM + threadIdx.x];
+        sum.x += part.x;
+        sum.y += part.y;
+        sum.z += part.z;
       }
-      dalibi_sum = 0.f;
+      float* dst = &s.dalibi_rows[bh * p.seqlen_q + m0 + threadIdx.x].x;
+      atomicAdd(dst, sum.x);
+      atomicAdd(dst + 1, sum.y);
+      atomicAdd(dst + 2, sum.z);
     }
+    if (p.deterministic) semaphore_signal(sem, n_block + 1);
   }
   if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
 

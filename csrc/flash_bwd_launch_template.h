@@ -14,10 +14,10 @@
 
 namespace jax_flash {
 
-template <typename Traits>
+template <typename Traits, bool kScoreMod>
 void launch_bwd_main(const BwdParams& p, const BwdScratch& scratch,
                      int num_n_blocks, cudaStream_t stream) {
-  auto kernel = &flash_bwd_kernel<Traits>;
+  auto kernel = &flash_bwd_kernel<Traits, kScoreMod>;
   // Opt in above 48 KB of dynamic shared memory (no stream work).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        Traits::kSmemBytes);
@@ -44,12 +44,17 @@ void run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
   if (cudaPeekAtLastError() != cudaSuccess) return;
 
   if (num_n_blocks > 0) {  // else no key: dK, dV are empty and dQ is 0
-    launch_bwd_main<Traits>(p, scratch, num_n_blocks, stream);
+    // Softcap and alibi take the path that computes each logit explicitly.
+    if (p.softcap > 0.f || p.alibi_slopes != nullptr) {
+      launch_bwd_main<Traits, true>(p, scratch, num_n_blocks, stream);
+    } else {
+      launch_bwd_main<Traits, false>(p, scratch, num_n_blocks, stream);
+    }
     if (cudaPeekAtLastError() != cudaSuccess) return;
   }
 
   bwd_convert_dq_kernel<T, kHeadDim, Traits::kBlockM>
-      <<<row_grid, 256, 0, stream>>>(p, scratch, num_n_blocks);
+      <<<row_grid, 256, 0, stream>>>(p, scratch);
 }
 
 }  // namespace jax_flash

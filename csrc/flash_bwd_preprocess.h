@@ -1,5 +1,6 @@
 // First backward kernel: delta = rowsum(dO * O) per query row, and zeroed
-// scratch (the float32 dQ accumulator, the deterministic-order semaphores).
+// scratch (the float32 dQ accumulator, the dalibi row sums, the
+// deterministic-order semaphores).
 #pragma once
 
 #include "flash.h"
@@ -12,7 +13,7 @@ struct BwdScratch {
   float* dq_accum;       // (B, H, Sq, D)
   float* delta;          // (B, H, Sq)
   int* dq_semaphore;     // (B, H, num_m_blocks); nullptr unless deterministic
-  float* dalibi_partial;  // (B, H, num_n_blocks)
+  float4* dalibi_rows;   // (B, H, Sq)
 
   static BwdScratch make(const BwdParams& p) {
     const BwdWorkspaceLayout w = BwdWorkspaceLayout::make(
@@ -23,7 +24,7 @@ struct BwdScratch {
             reinterpret_cast<float*>(base + w.delta),
             p.deterministic ? reinterpret_cast<int*>(base + w.dq_semaphore)
                             : nullptr,
-            reinterpret_cast<float*>(base + w.dalibi_partial)};
+            reinterpret_cast<float4*>(base + w.dalibi_rows)};
   }
 };
 
@@ -63,7 +64,10 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
       sum += __shfl_xor_sync(0xffffffffu, sum, off);
     }
     const int64_t row = bh * p.seqlen_q + i;
-    if (lane == 0) s.delta[row] = sum;
+    if (lane == 0) {
+      s.delta[row] = sum;
+      s.dalibi_rows[row] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     float4* acc = reinterpret_cast<float4*>(s.dq_accum + row * kHeadDim);
     for (int c = lane; c < kHeadDim / 4; c += 32) {
       acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -27,11 +27,14 @@ struct BwdWorkspaceLayout {
   int64_t dq_accum = 0;   // f32 (B, H, Sq, D): dQ summed over key tiles
   int64_t delta = 0;      // f32 (B, H, Sq): rowsum(dO * O)
   int64_t dq_semaphore = 0;  // s32 (B, H, Sq / kBlockM): deterministic order
-  int64_t dalibi_partial = 0;  // f32 (B, H, Sk / kBlockN): per key tile
+  // f32x4 (B, H, Sq): per query row, (sum P dP |d|, sum P |d|, sum P dP, -)
+  // over the keys, from which dalibi = sum over rows of the third times the
+  // second minus the first (docs in flash_bwd_convert.h).
+  int64_t dalibi_rows = 0;
   int64_t total = 0;
 
   static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q,
-                                 int64_t seqlen_k, int64_t num_heads,
+                                 int64_t /*seqlen_k*/, int64_t num_heads,
                                  int64_t head_dim, bool deterministic) {
     auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
     const int64_t rows = batch * num_heads * seqlen_q;
@@ -46,9 +49,8 @@ struct BwdWorkspaceLayout {
       at += align(batch * num_heads *
                   ceil_div(static_cast<int>(seqlen_q), bwd_block_m(head_dim)) * 4);
     }
-    w.dalibi_partial = at;
-    at += align(batch * num_heads *
-                ceil_div(static_cast<int>(seqlen_k), bwd_block_n(head_dim)) * 4);
+    w.dalibi_rows = at;
+    at += align(rows * 16);
     w.total = at;
     return w;
   }
