@@ -72,14 +72,16 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
   P * dlse. It is added through two extra value columns: v gets ones (so dP
   gains dout's extra entries), out gets zeros (so the row sum does not), and
   dout gets dlse split into a high and a low part in the input dtype, whose
-  sum keeps float32's precision (one part alone would round dlse to 8 bits,
-  an error dalibi sums over every key). The extra columns of dv are dropped.
-  Where no compiled head dim has room for them, the blockwise backward
-  serves the call.
+  sum keeps float32's precision. The extra columns of dv are dropped.
+
+  The blockwise backward serves the call instead where no compiled head dim
+  has room for the columns, and with alibi slopes: the kernel sums dalibi
+  with sum_j P dP as the row's delta, in which the columns' dlse cancels.
   """
   head_dim, value_dim = q.shape[3], v.shape[3]
-  if dlse is not None and kernel_head_dim(
-      q.dtype, max(head_dim, value_dim + 2)) is None:
+  if dlse is not None and (
+      masks.alibi_slopes is not None or
+      kernel_head_dim(q.dtype, max(head_dim, value_dim + 2)) is None):
     return blockwise_backward(q, k, v, out, lse, dout, dlse, config, masks,
                               Tiling.create(q.shape[1], k.shape[1]))
   if dlse is not None:
