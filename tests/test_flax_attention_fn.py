@@ -239,3 +239,17 @@ def test_partial_is_causal_keeps_linen_on_the_fast_path():
   params = flax_layer.init(jax.random.key(0), x)
   want = flax_layer.apply(params, x, mask=MASKS["causal"]())
   assert_close(fast_layer.apply(params, x), want, 2e-5)
+
+
+def test_flax_decode_with_our_attention_fn():
+  # Flax's own cache passes a dense mask of the filled positions.
+  x = inputs(shape=(B, 6, F))
+  layers = [nnx.MultiHeadAttention(HEADS, F, decode=True, attention_fn=fn,
+                                   rngs=nnx.Rngs(0))
+            for fn in (nnx.dot_product_attention, dot_product_attention)]
+  for layer in layers:
+    layer.init_cache(x.shape)
+  step = nnx.jit(lambda layer, token: layer(token))
+  for t in range(x.shape[1]):
+    want, got = (step(layer, x[:, t:t + 1]) for layer in layers)
+    assert_close(got, want, 2e-5)
