@@ -216,6 +216,14 @@ def test_custom_einsum_is_an_error():
                           attn_weights_value_einsum=jnp.einsum)
 
 
+def test_unknown_keywords_pass_only_when_off():
+  q, k, v = random_qkv(12, (1,), 4, 4, 2, 2, 8)
+  want = dot_product_attention(q, k, v)
+  assert_close(dot_product_attention(q, k, v, some_new_option=None), want, 0.0)
+  with pytest.raises(ValueError, match="some_new_option"):
+    dot_product_attention(q, k, v, some_new_option=True)
+
+
 def test_linen_passes_only_known_keywords():
   # Linen filters the keywords it passes by our signature: those that can
   # change the result must be in it so that they are checked, not dropped.

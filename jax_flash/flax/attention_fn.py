@@ -31,6 +31,7 @@ def dot_product_attention(
     qk_attn_weights_einsum: Optional[Callable[..., Any]] = None,
     attn_weights_value_einsum: Optional[Callable[..., Any]] = None,
     implementation: Optional[str] = None,
+    **newer_flax_keywords: Any,
 ) -> jax.Array:
   """`flax.linen` / `flax.nnx` `dot_product_attention`, computed by jax_flash.
 
@@ -88,13 +89,16 @@ def dot_product_attention(
     attn_weights_value_einsum: must be None.
     implementation: `jax_flash.flash_attention`'s `implementation` for the
       fast path (None picks the fastest).
+    **newer_flax_keywords: keywords a later Flax release may pass (NNX
+      passes every keyword it knows); accepted while None or False, their
+      "off" value, an error otherwise, so that no option is silently lost.
 
   A query row whose keys are all masked outputs zeros (Flax's softmax would
   average all values instead).
 
   Raises:
-    ValueError: for `module` (sown weights) or a custom einsum, and for
-      shapes that do not fit.
+    ValueError: for `module` (sown weights), a custom einsum or an unknown
+      option that is switched on, and for shapes that do not fit.
   """
   if module is not None:
     raise ValueError(
@@ -102,6 +106,12 @@ def dot_product_attention(
         "it never materializes the (batch, H, Sq, Sk) weights. Call the "
         "layer with sow_weights=False, or use Flax's own "
         "dot_product_attention for the calls that need the weights.")
+  unknown = sorted(name for name, value in newer_flax_keywords.items()
+                   if value is not None and value is not False)
+  if unknown:
+    raise ValueError(
+        f"jax_flash.flax.dot_product_attention does not support "
+        f"{', '.join(unknown)}")
   custom = [name for name, fn in (
       ("einsum_dot_general", einsum_dot_general),
       ("qk_attn_weights_einsum", qk_attn_weights_einsum),
