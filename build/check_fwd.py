@@ -191,8 +191,12 @@ def cases() -> list[Case]:
   return out
 
 
-def time_ours(b: int, s: int, h: int, d: int, causal: bool, reps: int = 20):
-  """Median seconds per call: `reps` chained calls in one jit (v <- out)."""
+def time_ours(b: int, s: int, h: int, d: int, causal: bool,
+              once: bool = False) -> float:
+  """Seconds per call of the custom call, from chains of calls in one jit
+  (v <- out): (time of 30 calls - time of 10 calls) / 20, median of 7, so
+  that the jit dispatch and the final synchronization cancel out. With
+  `once`, runs a single call (for a profiler) and returns 0."""
   key = jax.random.PRNGKey(0)
   kq, kk, kv = jax.random.split(key, 3)
   shape = (b, s, h, d)
@@ -201,22 +205,34 @@ def time_ours(b: int, s: int, h: int, d: int, causal: bool, reps: int = 20):
   v = jax.random.normal(kv, shape, jnp.bfloat16)
   cfg = AttentionConfig(softmax_scale=d ** -0.5, causal=causal)
 
-  @jax.jit
-  def chain(q, k, v):
-    for _ in range(reps):
-      v = kernel_fwd(q, k, v, cfg, MaskArrays())[0]
-    return v
+  def chain(reps):
+    def run(q, k, v):
+      for _ in range(reps):
+        v = kernel_fwd(q, k, v, cfg, MaskArrays())[0]
+      return v
+    fn = jax.jit(run)
+    fn(q, k, v).block_until_ready()
+    return fn
 
-  chain(q, k, v).block_until_ready()
+  if once:
+    chain(1)
+    return 0.0
+  short, long = chain(10), chain(30)
   times = []
   for _ in range(7):
     t0 = time.perf_counter()
-    chain(q, k, v).block_until_ready()
-    times.append((time.perf_counter() - t0) / reps)
+    short(q, k, v).block_until_ready()
+    t1 = time.perf_counter()
+    long(q, k, v).block_until_ready()
+    t2 = time.perf_counter()
+    times.append(((t2 - t1) - (t1 - t0)) / 20)
   return float(np.median(times))
 
 
-def time_torch(b: int, s: int, h: int, d: int, causal: bool):
+def time_torch(b: int, s: int, h: int, d: int, causal: bool,
+               once: bool = False) -> float:
+  """Median seconds per call of torch sdpa with the flash backend
+  (triton.testing.do_bench); with `once`, a single call, returns 0."""
   import torch  # pylint: disable=import-outside-toplevel
   import triton.testing  # pylint: disable=import-outside-toplevel
   from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
@@ -228,6 +244,9 @@ def time_torch(b: int, s: int, h: int, d: int, causal: bool):
     fn = lambda: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=causal)
     fn()
+    if once:
+      torch.cuda.synchronize()
+      return 0.0
     ms = triton.testing.do_bench(fn, warmup=100, rep=500,
                                  return_mode="median")
   return ms * 1e-3
@@ -242,6 +261,8 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--skip-timing", action="store_true")
   parser.add_argument("--timing-only", action="store_true")
+  parser.add_argument("--profile-once", action="store_true",
+                      help="run each timing case once, for ncu")
   parser.add_argument("--log", type=pathlib.Path, default=None)
   parser.add_argument("--lib", type=pathlib.Path, default=LIB)
   args = parser.parse_args()
@@ -261,15 +282,20 @@ def main() -> None:
   n_ok = sum(r["ok"] for r in results)
   timings = []
   if not args.skip_timing:
-    h, d = 16, 128
-    for s in (1024, 4096, 16384):
-      b = 16384 // s
+    # D 128 with 16 heads over S 1k..16k (batch * S = 16k tokens); D 64
+    # and 256 at S 4k with heads * D = 2048.
+    configs = [(16384 // s, s, 16, 128) for s in (1024, 4096, 16384)]
+    configs += [(4, 4096, 32, 64), (4, 4096, 8, 256)]
+    for b, s, h, d in configs:
       for causal in (False, True):
-        ours = time_ours(b, s, h, d, causal)
-        theirs = time_torch(b, s, h, d, causal)
+        ours = time_ours(b, s, h, d, causal, once=args.profile_once)
+        theirs = time_torch(b, s, h, d, causal, once=args.profile_once)
+        if args.profile_once:
+          continue
         fl = attn_flops(b, s, h, d, causal)
-        timings.append(dict(s=s, b=b, causal=causal, ours_ms=ours * 1e3,
-                            fa2_ms=theirs * 1e3, ours_tflops=fl / ours / 1e12,
+        timings.append(dict(s=s, b=b, h=h, d=d, causal=causal,
+                            ours_ms=ours * 1e3, fa2_ms=theirs * 1e3,
+                            ours_tflops=fl / ours / 1e12,
                             fa2_tflops=fl / theirs / 1e12,
                             ratio=theirs / ours))
         print(json.dumps(timings[-1]), flush=True)
@@ -281,10 +307,11 @@ def main() -> None:
   print("\nfailed:", [r["name"] for r in results if not r["ok"]])
   print(f"correctness: {n_ok}/{len(results)} passed")
   if timings:
-    print(f"{'S':>6} {'B':>3} {'causal':>6} {'ours ms':>8} {'FA2 ms':>8} "
-          f"{'ours TF/s':>9} {'FA2 TF/s':>9} {'ratio':>6}")
+    print(f"{'D':>4} {'H':>3} {'S':>6} {'B':>3} {'causal':>6} {'ours ms':>8} "
+          f"{'FA2 ms':>8} {'ours TF/s':>9} {'FA2 TF/s':>9} {'ratio':>6}")
     for t in timings:
-      print(f"{t['s']:>6} {t['b']:>3} {str(t['causal']):>6} "
+      print(f"{t['d']:>4} {t['h']:>3} {t['s']:>6} {t['b']:>3} "
+            f"{str(t['causal']):>6} "
             f"{t['ours_ms']:8.3f} {t['fa2_ms']:8.3f} {t['ours_tflops']:9.1f} "
             f"{t['fa2_tflops']:9.1f} {t['ratio']:6.2f}")
   sys.exit(0 if n_ok == len(results) else 1)

@@ -54,7 +54,8 @@ struct FwdKernelTraits {
 // thread copies whole 16-byte chunks at fixed columns of every kRowStep-th
 // row, so the trip counts are compile-time constants and the addresses are
 // one multiply per row.
-template <typename Traits, int kTileRows>
+// kFull: the caller knows valid_rows >= kTileRows (no predicates).
+template <typename Traits, int kTileRows, bool kFull = false>
 __device__ __forceinline__ void load_tile(uint32_t smem, const typename
                                           Traits::T* gmem, int64_t stride,
                                           int valid_rows, int tid) {
@@ -67,7 +68,7 @@ __device__ __forceinline__ void load_tile(uint32_t smem, const typename
 #pragma unroll
   for (int r = 0; r < kTileRows / kRowStep; ++r) {
     const int row = row0 + r * kRowStep;
-    const bool ok = row < valid_rows;
+    const bool ok = kFull || row < valid_rows;
     const T* src = gmem + (ok ? row : 0) * stride;
 #pragma unroll
     for (int c = 0; c < Traits::kChunksPerRow / kThreadsPerRow; ++c) {
@@ -208,8 +209,10 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 
     cp_async_wait<1>();  // K[n] has landed (V[n] may still be in flight)
     __syncthreads();
+    // Only the first tile (n_hi) can end past Sk: the ones prefetched here
+    // lie below it and are full.
     if (n > n_lo) {
-      load_tile<Traits, kBlockN>(
+      load_tile<Traits, kBlockN, true>(
           k_base + (stage ^ 1) * kStageBytes,
           k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
           kv_rows(n - 1), tid);
@@ -308,7 +311,7 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
     cp_async_wait<1>();  // V[n] has landed (K[n-1] may still be in flight)
     __syncthreads();
     if (n > n_lo) {
-      load_tile<Traits, kBlockN>(
+      load_tile<Traits, kBlockN, true>(
           v_base + (stage ^ 1) * kStageBytes,
           v + (n - 1) * kBlockN * p.v_row_stride, p.v_row_stride,
           kv_rows(n - 1), tid);
