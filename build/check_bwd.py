@@ -320,7 +320,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="time jax_flash only (e.g. under a profiler)")
   parser.add_argument("--seq-lens", default="1024,4096,16384")
   parser.add_argument("--checks", default=":",
-                      help="slice of the check list to run, e.g. 26: or :0")
+                      help="checks to run: a slice of the list (26: or :0) "
+                      "or comma-separated indices")
   args = parser.parse_args(argv)
   library = Library(args.library)
   print(f"device: {jax.devices()[0].device_kind}; forward from "
@@ -331,9 +332,14 @@ def main(argv: Optional[list[str]] = None) -> int:
   if library.has_forward:
     todo += [(Problem(2, 1000, 1000, 4, 4, 128, causal=causal), True)
              for causal in (False, True)]
-  start, _, stop = args.checks.partition(":")
-  picked = slice(int(start) if start else None, int(stop) if stop else None)
-  for seed, (problem, use_forward) in list(enumerate(todo))[picked]:
+  numbered = list(enumerate(todo))
+  if ":" in args.checks:
+    start, _, stop = args.checks.partition(":")
+    numbered = numbered[slice(int(start) if start else None,
+                              int(stop) if stop else None)]
+  else:
+    numbered = [numbered[int(i)] for i in args.checks.split(",")]
+  for seed, (problem, use_forward) in numbered:
     try:
       record = check(library, problem, seed, use_forward)
     except Exception as e:  # pylint: disable=broad-except

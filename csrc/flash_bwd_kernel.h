@@ -240,6 +240,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     __syncthreads();
     if (step + 1 < num_steps) load_step(step + 1, stage ^ 1);
     cp_async_commit();
+    const bool tile_masked =
+        mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN);
     const T* sQ_cur = sQ + stage * Traits::kTileQ;
     const T* sdO_cur = sdO + stage * Traits::kTileQ;
 
@@ -321,7 +323,7 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
         }
       }
     };
-    if (mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN)) {
+    if (tile_masked) {
       probs_and_grads(std::true_type{});
     } else {
       probs_and_grads(std::false_type{});
@@ -374,17 +376,18 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     int* sem = p.deterministic
         ? s.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
     if (p.deterministic) semaphore_wait(sem, n_block);
-    float* dq_accum = s.dq_accum + bh * p.seqlen_q * kHeadDim;
+    // Every address of this thread is `dq_row` plus a constant.
+    const int dq_i0 = m0 + dq_row0 + quad_row;
+    float* dq_row = s.dq_accum +
+                    (bh * p.seqlen_q + dq_i0) * kHeadDim + dq_col0 + quad_col;
 #pragma unroll
     for (int mi = 0; mi < Traits::kQM16; ++mi) {
 #pragma unroll
-      for (int nj = 0; nj < Traits::kQN8; ++nj) {
+      for (int e = 0; e < 2; ++e) {
+        if (dq_i0 + mi * 16 + 8 * e >= p.seqlen_q) continue;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int i = m0 + dq_row0 + mi * 16 + quad_row + 8 * e;
-          const int col = dq_col0 + nj * 8 + quad_col;
-          if (i >= p.seqlen_q) continue;
-          float* dst = dq_accum + static_cast<int64_t>(i) * kHeadDim + col;
+        for (int nj = 0; nj < Traits::kQN8; ++nj) {
+          float* dst = dq_row + (mi * 16 + 8 * e) * kHeadDim + nj * 8;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
           atomicAdd(reinterpret_cast<float2*>(dst),
                     make_float2(acc_dq[mi][nj][2 * e],
