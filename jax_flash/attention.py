@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +88,50 @@ def flash_attention(
   Raises:
     TypeError, ValueError: at trace time, naming the offending argument.
   """
-  validation.check_qkv(query, key, value)
   validation.check_implementation(implementation)
+  call = normalize_arguments(
+      query, key, value, softmax_scale=softmax_scale, causal=causal,
+      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+      segment_ids=segment_ids, q_seq_lengths=q_seq_lengths,
+      kv_seq_lengths=kv_seq_lengths, dropout_rate=dropout_rate,
+      dropout_rng=dropout_rng, deterministic=deterministic)
+  query, key, value, config, masks = call[:5]
+  attend = dispatch.select(implementation, query, key, value, config, masks)
+  out, lse = attend(query, key, value, config, masks)
+  if not call.batched:
+    out, lse = out[0], lse[0]
+  return (out, lse) if return_lse else out
+
+
+class NormalizedCall(NamedTuple):
+  """`flash_attention`'s arguments after validation, batch dim included."""
+
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
+  config: AttentionConfig
+  masks: MaskArrays
+  batched: bool
+
+
+def normalize_arguments(
+    query: jax.Array, key: jax.Array, value: jax.Array, *,
+    softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Optional[tuple[int, int]] = None,
+    softcap: Optional[float] = None, alibi_slopes: Optional[jax.Array] = None,
+    segment_ids: Optional[SegmentIds] = None,
+    q_seq_lengths: Optional[jax.Array] = None,
+    kv_seq_lengths: Optional[jax.Array] = None, dropout_rate: float = 0.0,
+    dropout_rng: Optional[jax.Array] = None,
+    deterministic: bool = False) -> NormalizedCall:
+  """Validates `flash_attention`'s arguments (same meaning) and normalizes them.
+
+  Returns the operands with a batch dimension, the static `AttentionConfig`
+  and the batched `MaskArrays` that every implementation receives, and
+  whether the call had a batch dimension. Raises TypeError/ValueError naming
+  the bad argument.
+  """
+  validation.check_qkv(query, key, value)
   batched = query.ndim == 4
   if not batched:
     query, key, value = query[None], key[None], value[None]
@@ -115,12 +157,7 @@ def flash_attention(
   masks = _mask_arrays(batched, batch, sq, sk, heads, alibi_slopes,
                        segment_ids, q_seq_lengths, kv_seq_lengths,
                        dropout_rng if rate > 0 else None)
-
-  attend = dispatch.select(implementation, query, key, value, config, masks)
-  out, lse = attend(query, key, value, config, masks)
-  if not batched:
-    out, lse = out[0], lse[0]
-  return (out, lse) if return_lse else out
+  return NormalizedCall(query, key, value, config, masks, batched)
 
 
 def _mask_arrays(batched: bool, batch: int, sq: int, sk: int, heads: int,

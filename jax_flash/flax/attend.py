@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_flash
-from jax_flash import validation
-from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.attention import normalize_arguments
 from jax_flash.flax.dense_mask import masked_attention
 
 SegmentIds = Any
@@ -85,9 +84,10 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
       raise ValueError("implementation='cuda' cannot serve a dense mask or "
                        "bias; express the mask as causal, window_size, "
                        "segment_ids or sequence lengths")
-    validation.check_qkv(q, k, v)
-    config, masks = _normalize(q, causal, window_size, ids, q_len, kv_len,
-                               dropout_rate, dropout_rng)
+    _, _, _, config, masks, _ = normalize_arguments(
+        q, k, v, causal=causal, window_size=window_size, segment_ids=ids,
+        q_seq_lengths=q_len, kv_seq_lengths=kv_len, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng)
     target = batch_shape + (heads, sq, sk)
     if mask is not None:
       mask = _fold_pairwise("mask", jnp.asarray(mask, jnp.bool_), target)
@@ -150,27 +150,3 @@ def _fold_pairwise(name: str, x: jax.Array,
     return x.reshape((1,) + x.shape[-3:])
   x = jnp.broadcast_to(x, target[:-3] + x.shape[-3:])
   return x.reshape((-1,) + x.shape[-3:])
-
-
-def _normalize(q: jax.Array, causal: bool,
-               window_size: Optional[tuple[int, int]], segment_ids: Any,
-               q_len: Optional[jax.Array], kv_len: Optional[jax.Array],
-               dropout_rate: float, dropout_rng: Optional[jax.Array]
-               ) -> tuple[AttentionConfig, MaskArrays]:
-  """The options of the dense path in `jax_flash.config`'s normalized form."""
-  left, right = validation.check_window(window_size)
-  rate = validation.check_dropout(dropout_rate, dropout_rng)
-  config = AttentionConfig(softmax_scale=1.0 / math.sqrt(q.shape[-1]),
-                           causal=bool(causal), window_left=left,
-                           window_right=right, dropout_rate=rate)
-  q_ids, kv_ids = segment_ids if segment_ids is not None else (None, None)
-  masks = MaskArrays(
-      q_segment_ids=_int32(q_ids), kv_segment_ids=_int32(kv_ids),
-      q_lengths=q_len, kv_lengths=kv_len,
-      dropout_seed=(validation.dropout_seed(dropout_rng) if rate > 0 else
-                    None))
-  return config, masks
-
-
-def _int32(x: Optional[jax.Array]) -> Optional[jax.Array]:
-  return None if x is None else x.astype(jnp.int32)
