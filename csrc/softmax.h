@@ -29,19 +29,16 @@ struct OnlineSoftmax {
   }
 
   // Folds score tile s in: s becomes the unnormalized probabilities
-  // p = exp2(s * scale_log2 - max * scale_log2), and acc (the output rows)
-  // and the sums are rescaled when a row's max moves. scale_log2 > 0.
-  //
-  // The max kept is allowed to trail the true max by up to
-  // kRescaleThreshold (base 2): p then stays <= 2^kRescaleThreshold, far
-  // from overflow in float32 and exact in relative terms in 16 bits, and
-  // the 1 / sum at the end cancels the choice. Most tiles then leave every
-  // max in place, and the warp skips rescaling its accumulator.
+  // p = exp2(s * scale_log2 - max * scale_log2) <= 1, and acc (the output
+  // rows) and the sums are rescaled where a row's max grew. A warp whose
+  // rows all kept their max (most tiles of a long row) skips the pass over
+  // its accumulator. (Letting the max trail the true one by a few powers of
+  // two would skip more passes, but it measurably raised the error of the
+  // 16-bit P: the largest p are then rounded instead of being exactly 1.)
   template <int kNTiles, int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kRowBlocks][kNTiles][4],
                                          float (&acc)[kRowBlocks][kDTiles][4],
                                          float scale_log2) {
-    constexpr float kRescaleThreshold = 8.f;
     float rescale[kRowBlocks][2];
     bool any_moved = false;
 #pragma unroll
@@ -55,12 +52,8 @@ struct OnlineSoftmax {
         }
         m = quad_max(m);
         const float old = row_max[mb][r];
-        // A row's first visible scores always set its max.
-        const bool moved = old == -INFINITY
-                               ? m != -INFINITY
-                               : (m - old) * scale_log2 > kRescaleThreshold;
         rescale[mb][r] = 1.f;
-        if (moved) {
+        if (m > old) {
           rescale[mb][r] = exp2_approx((old - m) * scale_log2);
           row_max[mb][r] = m;
           any_moved = true;
