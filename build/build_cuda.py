@@ -40,7 +40,7 @@ DEFAULT_ARCHS = "80,90"
 def find_nvcc() -> Optional[str]:
   """Path of nvcc: $NVCC, then PATH, then $CUDA_HOME/bin; None if absent."""
   if os.environ.get("NVCC"):
-    return os.environ["NVCC"]
+    return shutil.which(os.environ["NVCC"])
   found = shutil.which("nvcc")
   if found:
     return found
