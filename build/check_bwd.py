@@ -293,14 +293,16 @@ def bench(library: Library, seq_len: int, causal: bool,
                                       causal=causal, mode=mode)
           for mode in ("bwd", "fwd_bwd")}
   t = _time_jax(bwd, bwd_sets)
-  row["bwd_ms"], row["bwd_tflops"] = t.seconds * 1e3, work["bwd"] / t.seconds / 1e12
+  row["bwd_ms"] = t.seconds * 1e3
+  row["bwd_tflops"] = work["bwd"] / t.seconds / 1e12
   row["bwd_spread"] = t.spread
   if library.has_forward:
     t = _time_jax(jax.jit(fwd_bwd), sets)
     row["fwd_bwd_ms"] = t.seconds * 1e3
     row["fwd_bwd_tflops"] = work["fwd_bwd"] / t.seconds / 1e12
   if torch_impls:
-    from jax_flash.bench import cases, torch_runner  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from jax_flash.bench import cases, torch_runner
     case = cases.Case("mha", batch, seq_len, seq_len, heads, heads, d, causal)
     for mode in ("bwd", "fwd_bwd"):
       t, _, _ = torch_runner.measure(torch_impls[0], case, mode,
@@ -356,7 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   if not args.skip_timing:
     torch_impls = None
     try:
-      from jax_flash.bench import implementations  # pylint: disable=import-outside-toplevel
+      # pylint: disable-next=import-outside-toplevel
+      from jax_flash.bench import implementations
       if not args.no_torch:
         torch_impls = implementations.by_name(["torch_flash"])
     except Exception:  # pylint: disable=broad-except

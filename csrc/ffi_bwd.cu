@@ -183,7 +183,7 @@ ffi::Error JaxFlashBwdImpl(
   }
 
   const BwdWorkspaceLayout layout =
-      BwdWorkspaceLayout::make(B, Sq, Sk, H, D, deterministic);
+      BwdWorkspaceLayout::make(B, Sq, H, D, deterministic);
   if (static_cast<int64_t>(workspace->element_count()) < layout.total) {
     return ffi::Error::InvalidArgument(
         "jax_flash_bwd: workspace of " +
@@ -252,8 +252,11 @@ extern "C" int64_t jax_flash_bwd_workspace_bytes(int64_t B, int64_t Sq,
                                                  int64_t Hkv, int64_t D,
                                                  int64_t Dv,
                                                  int32_t deterministic) {
-  (void)Hkv;  // dK and dV need no scratch: GQA groups are summed in-CTA.
-  (void)Dv;   // D == Dv (docs/ffi_contract.md).
-  return jax_flash::BwdWorkspaceLayout::make(B, Sq, Sk, H, D,
-                                             deterministic != 0).total;
+  // No scratch depends on Sk or Hkv: GQA groups are summed inside a CTA and
+  // dalibi is collected per query row. D == Dv (docs/ffi_contract.md).
+  (void)Sk;
+  (void)Hkv;
+  (void)Dv;
+  return jax_flash::BwdWorkspaceLayout::make(B, Sq, H, D, deterministic != 0)
+      .total;
 }

@@ -63,7 +63,8 @@ struct BwdKernelTraits {
 };
 
 // Copies rows [0, kRows) of a (S, heads, D)-strided tile into a padded
-// shared-memory tile of row pitch kPitch; rows at or past `valid_rows` become zeros.
+// shared-memory tile of row pitch kPitch; rows at or past `valid_rows` become
+// zeros.
 template <int kRows, int kHeadDim, int kPitch, typename T>
 __device__ __forceinline__ void load_rows(T* dst, const T* src,
                                           int64_t row_stride, int valid_rows,

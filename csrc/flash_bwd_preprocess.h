@@ -17,8 +17,7 @@ struct BwdScratch {
 
   static BwdScratch make(const BwdParams& p) {
     const BwdWorkspaceLayout w = BwdWorkspaceLayout::make(
-        p.batch, p.seqlen_q, p.seqlen_k, p.num_heads, p.head_dim,
-        p.deterministic);
+        p.batch, p.seqlen_q, p.num_heads, p.head_dim, p.deterministic);
     char* base = static_cast<char*>(p.workspace);
     return {reinterpret_cast<float*>(base + w.dq_accum),
             reinterpret_cast<float*>(base + w.delta),

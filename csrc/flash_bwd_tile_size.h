@@ -34,8 +34,8 @@ struct BwdWorkspaceLayout {
   int64_t total = 0;
 
   static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q,
-                                 int64_t /*seqlen_k*/, int64_t num_heads,
-                                 int64_t head_dim, bool deterministic) {
+                                 int64_t num_heads, int64_t head_dim,
+                                 bool deterministic) {
     auto align = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
     const int64_t rows = batch * num_heads * seqlen_q;
     BwdWorkspaceLayout w;
@@ -46,8 +46,9 @@ struct BwdWorkspaceLayout {
     at += align(rows * 4);
     w.dq_semaphore = at;
     if (deterministic) {
-      at += align(batch * num_heads *
-                  ceil_div(static_cast<int>(seqlen_q), bwd_block_m(head_dim)) * 4);
+      const int m_blocks =
+          ceil_div(static_cast<int>(seqlen_q), bwd_block_m(head_dim));
+      at += align(batch * num_heads * m_blocks * 4);
     }
     w.dalibi_rows = at;
     at += align(rows * 16);
