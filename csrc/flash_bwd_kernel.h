@@ -49,7 +49,7 @@ struct BwdKernelTraits {
   static constexpr int kSmemBytes =
       (2 * kTileK + 4 * kTileQ + 2 * kTileP) * sizeof(T) +
       (4 * kBlockM + kBlockN + 16 * kBlockM) * 4;
-  static_assert(kSmemBytes <= 227 * 1024, "over the sm80/sm90 CTA limit");
+  static_assert(kSmemBytes <= 227 * 1024, "over the sm90 limit per CTA");
 
   // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
   static constexpr int kSM16 = kBlockM / 2 / 16;
