@@ -203,7 +203,7 @@ ffi::Error JaxFlashBwdImpl(
   p.arch = 10 * major + minor;
 
   const std::string what = std::string("jax_flash_bwd (") +
-                           (p.is_bf16 ? "bf16" : "f16") + ", D=" +
+                           (p.is_bf16 ? "bf16" : "fp16") + ", D=" +
                            std::to_string(D) + ")";
   if (!dispatch_bwd(p, stream)) {
     return ffi::Error::InvalidArgument(what + ": not compiled in this build");

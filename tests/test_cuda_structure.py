@@ -181,10 +181,10 @@ def test_unsupported_reasons_name_the_argument():
 
 def test_build_info_parsing_and_head_dims(monkeypatch):
   info = library.BuildInfo.parse(
-      "fwd:bf16:128;bwd:bf16:128;fwd:bf16:64;fwd:f16:96;bwd:f16:96"
+      "fwd:bf16:128;bwd:bf16:128;fwd:bf16:64;fwd:fp16:96;bwd:fp16:96"
       "|archs=80,90")
   assert info.head_dims("bf16") == (128,)       # 64 lacks a backward
-  assert info.head_dims("f16") == (96,)
+  assert info.head_dims("fp16") == (96,)
   assert info.runs_on(86) and info.runs_on(90) and not info.runs_on(75)
   assert not library.BuildInfo.parse("fwd:bf16:64|archs=90").runs_on(100)
   loaded = library.Library(library.library_path(), None, info)

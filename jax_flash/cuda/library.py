@@ -41,7 +41,7 @@ class BuildInfo:
 
   Attributes:
     kernels: (direction, dtype, head_dim) triples, direction "fwd" or "bwd",
-      dtype "bf16" or "f16".
+      dtype "bf16" or "fp16" (the tags of build/generate_kernels.py).
     archs: compute capabilities compiled for, as 10 * major + minor.
   """
 

@@ -21,7 +21,7 @@ from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library, lowering, primitives
 from jax_flash.first_order import first_order_only
 
-DTYPE_NAMES = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}
+DTYPE_NAMES = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "fp16"}
 """Input dtypes the kernels take, with their names in the build info."""
 
 
