@@ -6,19 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_helpers import assert_close, random_inputs
 from jax_flash.flax.linen import FlashMultiHeadAttention
 
 B, S, F, HEADS = 2, 21, 32, 4
 
 
 def inputs(seed=0, shape=(B, S, F)):
-  return jax.random.normal(jax.random.key(seed), shape)
-
-
-def assert_close(actual, expected, atol=2e-5):
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, atol=atol,
-                                                       rtol=atol),
-               actual, expected)
+  return random_inputs(seed, shape)
 
 
 @pytest.mark.parametrize("normalize_qk", [False, True])

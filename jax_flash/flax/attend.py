@@ -150,3 +150,20 @@ def _fold_pairwise(name: str, x: jax.Array,
     return x.reshape((1,) + x.shape[-3:])
   x = jnp.broadcast_to(x, target[:-3] + x.shape[-3:])
   return x.reshape((-1,) + x.shape[-3:])
+
+
+def key_value_inputs(inputs_q: jax.Array, inputs_k: Optional[jax.Array],
+                     inputs_v: Optional[jax.Array], sow_weights: bool
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(inputs_k, inputs_v) with Flax's defaults: k from q, v from k.
+
+  Also refuses `sow_weights`, which jax_flash's layers cannot honour.
+  """
+  if sow_weights:
+    raise ValueError("FlashMultiHeadAttention cannot sow attention weights: "
+                     "jax_flash never materializes them")
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError("inputs_k cannot be None when inputs_v is given")
+    inputs_k = inputs_q
+  return inputs_k, inputs_k if inputs_v is None else inputs_v

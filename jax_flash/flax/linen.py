@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.linear import default_kernel_init
 
-from jax_flash.flax.attend import SegmentIds, attend
+from jax_flash.flax.attend import SegmentIds, attend, key_value_inputs
 from jax_flash.flax.cache import append_to_cache, check_decode_arguments
 
 
@@ -108,15 +108,8 @@ class FlashMultiHeadAttention(nn.Module):
     Returns:
       (batch..., Sq, out_features).
     """
-    if sow_weights:
-      raise ValueError("FlashMultiHeadAttention cannot sow attention weights: "
-                       "jax_flash never materializes them")
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None when inputs_v is given")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = key_value_inputs(inputs_q, inputs_k, inputs_v,
+                                          sow_weights)
     features = self.out_features or inputs_q.shape[-1]
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     kv_heads = self.num_kv_heads or self.num_heads

@@ -7,7 +7,7 @@ from typing import Any, Optional, Union
 import jax
 from flax import nnx
 
-from jax_flash.flax.attend import SegmentIds, attend
+from jax_flash.flax.attend import SegmentIds, attend, key_value_inputs
 from jax_flash.flax.attention_fn import dot_product_attention
 from jax_flash.flax.cache import append_to_cache, check_decode_arguments
 
@@ -99,15 +99,8 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
     Returns:
       (batch..., Sq, out_features).
     """
-    if sow_weights:
-      raise ValueError("FlashMultiHeadAttention cannot sow attention weights: "
-                       "jax_flash never materializes them")
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None when inputs_v is given")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = key_value_inputs(inputs_q, inputs_k, inputs_v,
+                                          sow_weights)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"expected {self.in_features} input features, got "
                        f"inputs_q of shape {inputs_q.shape}")
