@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_flash import layout, masking
-from jax_flash.blockwise.tiling import Tiling, query_block_range
+from jax_flash.blockwise.tiling import (Tiling, block_positions,
+                                        query_block_range, tile_logits)
 from jax_flash.config import AttentionConfig, MaskArrays
 
 
@@ -57,7 +58,7 @@ def blockwise_backward(
     dq_acc, dalibi = carry
     k_blk = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
     v_blk = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
-    k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+    k_pos = block_positions(j, bk)
 
     def visit_query_block(i, inner):
       dk_acc, dv_acc, dq_acc, dalibi = inner
@@ -65,12 +66,10 @@ def blockwise_backward(
       do_blk = jax.lax.dynamic_slice_in_dim(dog, i * bq, bq, axis=3)
       lse_blk = jax.lax.dynamic_slice_in_dim(lse_g, i * bq, bq, axis=3)
       delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-      q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
+      q_pos = block_positions(i, bq)
       # S = Q K^T, then P = exp(S - lse)
-      s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk,
-                     preferred_element_type=jnp.float32)
-      logits, visible = masking.modify_and_mask(s, config, masks, q_pos,
-                                                k_pos, tiling.sq, tiling.sk)
+      s, logits, visible = tile_logits(q_blk, k_blk, config, masks, q_pos,
+                                       k_pos, tiling)
       p = jnp.where(visible, jnp.exp(logits - lse_blk[..., None]), 0.0)
       # dP = dO V^T
       dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk,

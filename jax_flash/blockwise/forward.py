@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_flash import layout, masking
-from jax_flash.blockwise.tiling import Tiling, key_block_range
+from jax_flash.blockwise.tiling import (Tiling, block_positions,
+                                        key_block_range, tile_logits)
 from jax_flash.config import AttentionConfig, MaskArrays
 
 
@@ -33,18 +34,16 @@ def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
 
   def one_query_block(i):
     q_blk = jax.lax.dynamic_slice_in_dim(qg, i * bq, bq, axis=3)
-    q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)
+    q_pos = block_positions(i, bq)
 
     def visit_key_block(j, carry):
       m, l, acc = carry
       k_blk = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
       v_blk = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
-      k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-      # S = Q K^T
-      s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk,
-                     preferred_element_type=jnp.float32)
-      logits, visible = masking.modify_and_mask(s, config, masks, q_pos,
-                                                k_pos, tiling.sq, tiling.sk)
+      k_pos = block_positions(j, bk)
+      # S = Q K^T, then the masks and score modifiers
+      _, logits, visible = tile_logits(q_blk, k_blk, config, masks, q_pos,
+                                       k_pos, tiling)
       logits = jnp.where(visible, logits, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
       m_safe = layout.finite_or_zero(m_new)

@@ -106,3 +106,23 @@ def _block_span(first: jax.Array, last: jax.Array, block: int,
   start = jnp.clip(jnp.floor_divide(first, block), 0, num_blocks)
   end = jnp.clip(jnp.floor_divide(last, block) + 1, 0, num_blocks)
   return start.astype(jnp.int32), jnp.maximum(start, end).astype(jnp.int32)
+
+
+def block_positions(block: jax.Array, size: int) -> jax.Array:
+  """(size,) int32 global positions of block number `block`."""
+  return block * size + jnp.arange(size, dtype=jnp.int32)
+
+
+def tile_logits(q_blk: jax.Array, k_blk: jax.Array, config: AttentionConfig,
+                masks: MaskArrays, q_pos: jax.Array, k_pos: jax.Array,
+                tiling: Tiling) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(S = Q K^T, logits, visible) of one (query block, key block) tile.
+
+  q_blk (B, Hkv, G, bq, D) and k_blk (B, Hkv, bk, D); S and logits are
+  (B, Hkv, G, bq, bk) float32, see `masking.modify_and_mask`.
+  """
+  s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk,
+                 preferred_element_type=jnp.float32)
+  logits, visible = masking.modify_and_mask(s, config, masks, q_pos, k_pos,
+                                            tiling.sq, tiling.sk)
+  return s, logits, visible
