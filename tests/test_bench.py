@@ -174,3 +174,14 @@ def test_plots_from_json(tmp_path):
   bench_main.main(["--from-json", str(source), "--out", str(tmp_path / "out")])
   assert (tmp_path / "out" / "mha_fwd_bwd.png").stat().st_size > 1000
   assert "0.60×" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_isolated_run_merges_one_process_per_implementation(tmp_path):
+  bench_main.main(["--quick", "--isolate", "--no-plots", "--kinds", "decode",
+                   "--impls", "jax_xla,jax_flash_xla", "--out", str(tmp_path)])
+  records = json.loads((tmp_path / "results.json").read_text())["records"]
+  assert sorted(r["impl"] for r in records) == ["jax_flash_xla", "jax_xla"]
+  assert all(r["status"] == "ok" for r in records)
+  for name in ("jax_xla", "jax_flash_xla"):
+    assert (tmp_path / "parts" / name / "results.json").exists()
+  assert "--isolate" in (tmp_path / "results.md").read_text()

@@ -3,15 +3,20 @@
 Writes, under --out: results.json (every record and the environment,
 rewritten after each case so an interrupted run keeps what it measured),
 results.md (the tables) and the PNG charts. `--from-json` rebuilds the
-tables and charts from earlier results files, merged.
+tables and charts from earlier results files, merged. `--isolate` runs each
+implementation in a process of its own (under --out/parts/) and merges them:
+a kernel fault poisons the CUDA context of the process it happens in, and
+must not take the other implementations' numbers with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
+import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -56,6 +61,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument("--compile-threads", type=int, default=8)
   parser.add_argument("--time-limit", type=float,
                       help="start no new case after this many seconds")
+  parser.add_argument("--isolate", action="store_true",
+                      help="one process per implementation, then merge")
   parser.add_argument("--no-plots", action="store_true")
   parser.add_argument("--from-json", type=pathlib.Path, nargs="+",
                       help="rebuild tables and charts from these results")
@@ -93,20 +100,78 @@ def write_outputs(records: list[dict[str, Any]], env: dict[str, Any],
         print(f"wrote {path}")
 
 
-def _rebuild(args: argparse.Namespace) -> None:
+def load_results(paths: list[pathlib.Path]
+                 ) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
+  """The records of several results.json files and the first environment."""
   records, env = [], None
-  for path in args.from_json:
+  for path in paths:
     loaded = json.loads(path.read_text())
     records += loaded["records"]
     env = env or loaded["environment"]
-  write_outputs(records, env, args.out, not args.no_plots)
+  return records, env
+
+
+def _child_argv(args: argparse.Namespace, impl: str, out: pathlib.Path,
+                time_limit: Optional[float]) -> list[str]:
+  """Options of the process that measures one implementation."""
+  argv = ["--impls", impl, "--out", str(out), "--no-plots",
+          "--kinds", ",".join(args.kinds), "--masks", args.masks,
+          "--modes", ",".join(args.modes), "--rounds", str(args.rounds),
+          "--calls", str(args.calls), "--warmup", str(args.warmup),
+          "--max-round-seconds", str(args.max_round_seconds),
+          "--compile-threads", str(args.compile_threads)]
+  if args.quick:
+    argv.append("--quick")
+  if args.head_dims:
+    argv += ["--head-dims", ",".join(map(str, args.head_dims))]
+  if args.seqlens:
+    argv += ["--seqlens", ",".join(map(str, args.seqlens))]
+  if time_limit is not None:
+    argv += ["--time-limit", f"{time_limit:.0f}"]
+  return argv
+
+
+def _run_isolated(args: argparse.Namespace, command: str) -> None:
+  """Each implementation in its own process, one after the other; a
+  process that dies keeps the cases it finished (results.json is rewritten
+  after each), and the merged report notes the ones that produced nothing."""
+  impls = implementations.by_name(args.impls)
+  repo = str(pathlib.Path(__file__).resolve().parents[2])
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  start = time.monotonic()
+  paths = []
+  for index, impl in enumerate(impls):
+    time_limit = None
+    if args.time_limit:
+      left = args.time_limit - (time.monotonic() - start)
+      time_limit = max(left, 0) / (len(impls) - index)
+    part = args.out / "parts" / impl.name
+    done = subprocess.run(
+        [sys.executable, "-m", "jax_flash.bench"]
+        + _child_argv(args, impl.name, part, time_limit), env=env, check=False)
+    if (part / "results.json").exists():
+      paths.append(part / "results.json")
+    if done.returncode:
+      print(f"{impl.name}: its process exited with status {done.returncode}")
+  records, _ = load_results(paths)
+  environment_now = environment.describe(command)
+  write_outputs(records, environment_now, args.out, not args.no_plots)
+  print(report.markdown(records, environment_now))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
   """Runs the benchmark the options describe."""
   args = parse_args(argv)
   if args.from_json:
-    _rebuild(args)
+    records, env = load_results(args.from_json)
+    write_outputs(records, env, args.out, not args.no_plots)
+    return
+  command = shlex.join(["python", "-m", "jax_flash.bench"]
+                       + (sys.argv[1:] if argv is None else argv))
+  if args.isolate:
+    _run_isolated(args, command)
     return
   if args.quick:
     args.rounds, args.calls, args.warmup = 2, 3, 1
@@ -115,9 +180,6 @@ def main(argv: Optional[list[str]] = None) -> None:
       max_round_seconds=args.max_round_seconds, modes=tuple(args.modes),
       compile_threads=args.compile_threads)
   impls = implementations.by_name(args.impls)
-  command = shlex.join(["python", "-m", "jax_flash.bench"] + sys.argv[1:]
-                       if argv is None else
-                       ["python", "-m", "jax_flash.bench"] + argv)
   env = environment.describe(command)
   start = time.monotonic()
   records = []
