@@ -114,7 +114,7 @@ def check_window(window_size: Any) -> tuple[int, int]:
 
 def check_dropout(rate: Any, rng: Any) -> float:
   """The dropout rate in [0, 1); a key is required when it is positive."""
-  rate = check_static_float("dropout_rate", rate)
+  rate = check_static_float("dropout_rate", rate) or 0.0
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
   if rate > 0 and rng is None:

@@ -58,6 +58,12 @@ def test_bad_arguments(kwargs, error, pattern):
     call(**kwargs)
 
 
+def test_none_options_mean_off():
+  out = call(dropout_rate=None, softcap=None, window_size=None,
+             softmax_scale=None)
+  assert out.shape == (2, 8, 4, 16)
+
+
 def test_errors_raise_at_trace_time_under_jit():
   f = jax.jit(lambda q, k, v: jax_flash.flash_attention(q, k, v))
   with pytest.raises(ValueError, match="same head dim"):
