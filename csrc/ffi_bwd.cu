@@ -78,7 +78,8 @@ ffi::Error JaxFlashBwdImpl(
     ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
     ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::S32> q_segment_ids,
     ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Buffer<ffi::S32> q_lengths,
-    ffi::Buffer<ffi::S32> kv_lengths, ffi::Result<ffi::AnyBuffer> dq,
+    ffi::Buffer<ffi::S32> kv_lengths, ffi::Buffer<ffi::F32> dlse,
+    ffi::Result<ffi::AnyBuffer> dq,
     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
     ffi::Result<ffi::Buffer<ffi::F32>> dalibi,
     ffi::Result<ffi::Buffer<ffi::U8>> workspace, float softmax_scale,
@@ -171,6 +172,10 @@ ffi::Error JaxFlashBwdImpl(
     e = optional_operand("kv_lengths", kv_lengths, {B}, &data);
     p.kv_lengths = static_cast<const int32_t*>(data);
   }
+  if (e.success()) {
+    e = optional_operand("dlse", dlse, {B, H, Sq}, &data);
+    p.dlse = static_cast<const float*>(data);
+  }
   if (e.failure()) return e;
   if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
     return ffi::Error::InvalidArgument(
@@ -235,6 +240,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::S32>>()     // kv_segment_ids (B, Sk) or (0,)
         .Arg<ffi::Buffer<ffi::S32>>()     // q_lengths (B,) or (0,)
         .Arg<ffi::Buffer<ffi::S32>>()     // kv_lengths (B,) or (0,)
+        .Arg<ffi::Buffer<ffi::F32>>()     // dlse (B, H, Sq) or (0,)
         .Ret<ffi::AnyBuffer>()            // dq, shape and dtype of q
         .Ret<ffi::AnyBuffer>()            // dk, shape and dtype of k
         .Ret<ffi::AnyBuffer>()            // dv, shape and dtype of v

@@ -75,6 +75,9 @@ struct BwdParams : FwdParams {
   int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
 
+  // dlse (B, H, Sq) float32: the cotangent of lse, nullptr when it is zero.
+  // It enters as dS = P * (dP - (delta - dlse)).
+  const float* dlse = nullptr;
   // dalibi (B, H) float32, nullptr when no slopes were given.
   float* dalibi = nullptr;
   // Scratch of jax_flash_bwd_workspace_bytes(...) bytes.

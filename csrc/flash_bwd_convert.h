@@ -6,7 +6,8 @@
 // rounding error would reach dalibi through the all-positive weights |d|
 // (several percent at short windows). So the main kernel keeps per row
 // A = sum_j P dP |d|, B = sum_j P |d|, C = sum_j P dP (= delta, exactly as
-// the keys see it) and dalibi = sum_i (C_i B_i - A_i).
+// the keys see it) and dalibi = sum_i ((C_i - dlse_i) B_i - A_i), dlse being
+// the cotangent of lse (0 when none is given).
 #pragma once
 
 #include "flash.h"
@@ -39,8 +40,10 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     // every run.
     float total = 0.f;
     for (int i = threadIdx.x; i < p.seqlen_q; i += 32) {
-      const float4 r = s.dalibi_rows[bh * p.seqlen_q + i];
-      total += r.z * r.y - r.x;
+      const int64_t row = bh * p.seqlen_q + i;
+      const float4 r = s.dalibi_rows[row];
+      const float delta = p.dlse != nullptr ? r.z - p.dlse[row] : r.z;
+      total += delta * r.y - r.x;
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) {

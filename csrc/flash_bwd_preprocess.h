@@ -1,4 +1,5 @@
-// First backward kernel: delta = rowsum(dO * O) per query row, and zeroed
+// First backward kernel: delta = rowsum(dO * O) - dlse per query row (the
+// lse cotangent, if any, folds into delta: dS = P * (dP - delta)), and zeroed
 // scratch (the float32 dQ accumulator, the dalibi row sums, the
 // deterministic-order semaphores).
 #pragma once
@@ -64,7 +65,7 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     }
     const int64_t row = bh * p.seqlen_q + i;
     if (lane == 0) {
-      s.delta[row] = sum;
+      s.delta[row] = p.dlse != nullptr ? sum - p.dlse[row] : sum;
       s.dalibi_rows[row] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     float4* acc = reinterpret_cast<float4*>(s.dq_accum + row * kHeadDim);

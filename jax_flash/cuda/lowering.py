@@ -24,12 +24,18 @@ MASK_OPERANDS = (("alibi_slopes", jnp.float32),
 """The optional operands, in contract order, with their dtypes."""
 
 
-def _mask_operands(masks: Sequence[jax.Array],
-                   mask_names: tuple[str, ...]) -> list[jax.Array]:
-  """All five mask operands: the given ones, an empty (0,) for the rest."""
+BACKWARD_EXTRA_OPERANDS = (("dlse", jnp.float32),)
+"""Optional operands the backward takes after the masks: lse's cotangent."""
+
+
+def _mask_operands(masks: Sequence[jax.Array], mask_names: tuple[str, ...],
+                   operands=MASK_OPERANDS) -> list[jax.Array]:
+  """Every optional operand: the given ones, an empty (0,) for the rest."""
   given = dict(zip(mask_names, masks))
-  return [given.get(name, jnp.zeros((0,), dtype))
-          for name, dtype in MASK_OPERANDS]
+  unknown = set(given) - {name for name, _ in operands}
+  if unknown:
+    raise ValueError(f"unexpected optional operands {sorted(unknown)}")
+  return [given.get(name, jnp.zeros((0,), dtype)) for name, dtype in operands]
 
 
 def _attributes(config: AttentionConfig) -> dict[str, np.generic]:
@@ -57,7 +63,10 @@ def backward_call(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
                   dout: jax.Array, lse: jax.Array, *masks: jax.Array,
                   config: AttentionConfig,
                   mask_names: tuple[str, ...]) -> tuple[jax.Array, ...]:
-  """`jax_flash_bwd`: (dq, dk, dv), plus dalibi (B, H) with alibi slopes."""
+  """`jax_flash_bwd`: (dq, dk, dv), plus dalibi (B, H) with alibi slopes.
+
+  `masks` may end with "dlse" (B, H, Sq) f32, the cotangent of lse.
+  """
   batch, sq, heads, head_dim = q.shape
   _, sk, kv_heads, value_dim = v.shape
   has_alibi = "alibi_slopes" in mask_names
@@ -71,8 +80,9 @@ def backward_call(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
                                   jnp.float32),
              jax.ShapeDtypeStruct((workspace,), jnp.uint8))
   call = jax.ffi.ffi_call(library.BACKWARD_TARGET, results)
-  dq, dk, dv, dalibi, _ = call(q, k, v, out, dout, lse,
-                               *_mask_operands(masks, mask_names),
+  optional = _mask_operands(masks, mask_names,
+                            MASK_OPERANDS + BACKWARD_EXTRA_OPERANDS)
+  dq, dk, dv, dalibi, _ = call(q, k, v, out, dout, lse, *optional,
                                deterministic=bool(config.deterministic),
                                **_attributes(config))
   return (dq, dk, dv, dalibi) if has_alibi else (dq, dk, dv)

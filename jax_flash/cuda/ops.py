@@ -15,8 +15,6 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero, custom_vjp_primal_tree_values
 
 from jax_flash import layout
-from jax_flash.blockwise import Tiling
-from jax_flash.blockwise.backward import blockwise_backward
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library, lowering, primitives
 from jax_flash.first_order import first_order_only
@@ -49,10 +47,24 @@ def _given(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
   return [getattr(masks, name) for name in names], names
 
 
+def _register_handlers() -> None:
+  """Registers the FFI handlers when they can run here (once, at trace time).
+
+  The dispatcher does it through `jax_flash.cuda.unavailable_reason`; this
+  covers callers of these functions directly. Without the library or a
+  CUDA backend (a CPU machine inspecting the lowering) it does nothing.
+  """
+  if library.load_error() is not None or jax.default_backend() != "gpu":
+    return
+  if "cuda" in jax.devices()[0].client.platform_version.lower():
+    library.register_targets()
+
+
 def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array,
                       config: AttentionConfig, masks: MaskArrays
                       ) -> tuple[jax.Array, jax.Array]:
   """Forward kernel only: (out (B, Sq, H, Dv), lse (B, H, Sq) float32)."""
+  _register_handlers()
   value_dim = v.shape[3]
   dim = _padded_dim(q.dtype, max(q.shape[3], value_dim))
   arrays, names = _given(masks)
@@ -68,32 +80,17 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
                ) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
   """(dq, dk, dv, dalibi or None), with lse's cotangent dlse if not None.
 
-  The kernel's dS = P * (dP - rowsum(dout * out)) lacks dlse's term
-  P * dlse. It is added through two extra value columns: v gets ones (so dP
-  gains dout's extra entries), out gets zeros (so the row sum does not), and
-  dout gets dlse split into a high and a low part in the input dtype, whose
-  sum keeps float32's precision. The extra columns of dv are dropped.
-
-  The blockwise backward serves the call instead where no compiled head dim
-  has room for the columns, and with alibi slopes: the kernel sums dalibi
-  with sum_j P dP as the row's delta, in which the columns' dlse cancels.
+  One backward call: dlse enters the kernel as an operand (it shifts each
+  row's delta, dS = P * (dP - rowsum(dout * out) + dlse)).
   """
+  _register_handlers()
   head_dim, value_dim = q.shape[3], v.shape[3]
-  if dlse is not None and (
-      masks.alibi_slopes is not None or
-      kernel_head_dim(q.dtype, max(head_dim, value_dim + 2)) is None):
-    return blockwise_backward(q, k, v, out, lse, dout, dlse, config, masks,
-                              Tiling.create(q.shape[1], k.shape[1]))
-  if dlse is not None:
-    dlse = jnp.swapaxes(dlse, 1, 2)[..., None]        # (B, Sq, H, 1)
-    high = dlse.astype(dout.dtype)
-    low = (dlse - high.astype(jnp.float32)).astype(dout.dtype)
-    v = jnp.concatenate([v, jnp.ones_like(v[..., :2])], axis=3)
-    out = jnp.concatenate([out, jnp.zeros_like(out[..., :2])], axis=3)
-    dout = jnp.concatenate([dout, high, low], axis=3)
-  dim = _padded_dim(q.dtype, max(head_dim, v.shape[3]))
+  dim = _padded_dim(q.dtype, max(head_dim, value_dim))
   pad = lambda x: layout.pad_axis(x, 3, dim)
   arrays, names = _given(masks)
+  if dlse is not None:
+    arrays.append(dlse.astype(jnp.float32))
+    names += ("dlse",)
   grads = primitives.backward(pad(q), pad(k), pad(v), pad(out), pad(dout),
                               lse, arrays, config=config, mask_names=names)
   dq, dk, dv = grads[0], grads[1], grads[2]
@@ -104,10 +101,12 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
 
 def attention_backward(q: jax.Array, k: jax.Array, v: jax.Array,
                        out: jax.Array, lse: jax.Array, dout: jax.Array,
-                       config: AttentionConfig, masks: MaskArrays
+                       config: AttentionConfig, masks: MaskArrays,
+                       dlse: Optional[jax.Array] = None
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Backward kernel only: (dq, dk, dv) for the cotangent dout of out."""
-  dq, dk, dv, _ = _gradients(q, k, v, out, lse, dout, None, config, masks)
+  """Backward kernel only: (dq, dk, dv) for the cotangents dout of out and
+  dlse (B, H, Sq) of lse (None: zero), given the forward's out and lse."""
+  dq, dk, dv, _ = _gradients(q, k, v, out, lse, dout, dlse, config, masks)
   return dq, dk, dv
 
 

@@ -30,7 +30,7 @@ from jax_flash.config import AttentionConfig
 # dim of v. A query head is the compound (k g): KV head k, index g in group.
 _DIMS = {
     "q": "bshd", "k": "btkd", "v": "btke", "out": "bshe", "dout": "bshe",
-    "lse": "bhs", "alibi_slopes": "bh", "q_segment_ids": "bs",
+    "lse": "bhs", "dlse": "bhs", "alibi_slopes": "bh", "q_segment_ids": "bs",
     "kv_segment_ids": "bt", "q_lengths": "b", "kv_lengths": "b",
     "dq": "bshd", "dk": "btkd", "dv": "btke", "dalibi": "bh",
 }
@@ -155,7 +155,8 @@ def per_shard(fn: Callable, names: Names, mask_names: tuple[str, ...],
                                       q.shape[0])
   operand_names, result_names = names(mask_names)
   in_specs = _specs(operand_names, batch_axes, head_axes)
-  operands = [jax.sharding.reshard(x, spec)
+  # NamedShardings, not bare specs: no mesh context need be set.
+  operands = [jax.sharding.reshard(x, NamedSharding(mesh, spec))
               for x, spec in zip(operands, in_specs)]
   return jax.shard_map(lambda *xs: tuple(fn(*xs)), mesh=mesh,
                        in_specs=in_specs,

@@ -1,0 +1,83 @@
+"""Small forward + backward calls of the CUDA kernels, for compute-sanitizer.
+
+Run under `compute-sanitizer --tool memcheck` (or racecheck with --small) to
+check every kernel of the forward and backward passes on shapes with ragged
+tiles, GQA, every mask, alibi with its gradient, softcap and deterministic
+mode:
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck \
+      --kernel-name kns=flash python3 build/sanitize_cases.py
+"""
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jax_flash import cuda  # noqa: E402
+from jax_flash.config import AttentionConfig, MaskArrays  # noqa: E402
+
+
+def _case(seed, batch, sq, sk, heads, kv_heads, d, config, masks):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, sq, heads, d), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (batch, sk, kv_heads, d), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (batch, sk, kv_heads, d), jnp.bfloat16)
+
+  def loss(q, k, v, slopes):
+    m = masks if slopes is None else masks._replace(alibi_slopes=slopes)
+    out, lse = cuda.attention(q, k, v, config, m)
+    return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(
+        jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  slopes = masks.alibi_slopes
+  argnums = (0, 1, 2) if slopes is None else (0, 1, 2, 3)
+  grads = jax.jit(jax.grad(loss, argnums=argnums))(q, k, v, slopes)
+  for g in grads:
+    if not bool(jnp.all(jnp.isfinite(g))):
+      raise AssertionError("non-finite gradient")
+  return grads
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true",
+                      help="one small case per head dim (for racecheck)")
+  args = parser.parse_args()
+  batch, sq, sk = (1, 70, 100) if args.small else (2, 77, 130)
+  rng = np.random.default_rng(0)
+  lengths = MaskArrays(
+      q_lengths=jnp.asarray([sq, sq // 2][:batch], jnp.int32),
+      kv_lengths=jnp.asarray([sk, sk // 2][:batch], jnp.int32))
+  segments = MaskArrays(
+      q_segment_ids=jnp.asarray(np.sort(rng.integers(0, 3, (batch, sq))),
+                                jnp.int32),
+      kv_segment_ids=jnp.asarray(np.sort(rng.integers(0, 3, (batch, sk))),
+                                 jnp.int32))
+  alibi = MaskArrays(alibi_slopes=jnp.asarray(
+      rng.uniform(0.01, 0.5, (batch, 4)), jnp.float32))
+  cases = [
+      ("plain d64", 64, AttentionConfig(0.125), MaskArrays()),
+      ("causal d128", 128, AttentionConfig(128 ** -0.5, causal=True),
+       MaskArrays()),
+      ("window+lengths d128", 128,
+       AttentionConfig(128 ** -0.5, window_left=20, window_right=5), lengths),
+      ("segments d128 deterministic", 128,
+       AttentionConfig(128 ** -0.5, deterministic=True), segments),
+      ("alibi+softcap d256", 256,
+       AttentionConfig(0.0625, causal=True, softcap=5.0), alibi),
+  ]
+  if args.small:
+    cases = [cases[0], cases[1], cases[4]]
+  for name, d, config, masks in cases:
+    _case(0, batch, sq, sk, 4, 2, d, config, masks)
+    print(f"ran {name}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Checks a built tree on a CUDA machine, from the source tree: the GPU test
+# suite, the kernel check scripts, and compute-sanitizer (memcheck on every
+# kernel, racecheck on small shapes). Logs go to $OUT (default
+# /tmp/jax_flash_verify); a summary table is printed last.
+#
+#   JAX_FLASH_CUDA_ARCHS=90 python build/build_cuda.py   # first, anywhere
+#   bash build/verify_on_gpu.sh
+set -u
+OUT=${OUT:-/tmp/jax_flash_verify}
+mkdir -p "$OUT"
+export PYTHONPATH=.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+LIB=jax_flash/_lib/libjax_flash_cuda.so
+summary=()
+step() {  # step NAME TIMEOUT COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-14s rc=%-3s %4ss  %s' "$name" "$rc" \
+    $((SECONDS - start)) "$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1)")")
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader \
+  > "$OUT/gpu.txt" 2>&1
+step pytest_gpu "${PYTEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_cuda_kernels.py
+step check_fwd "${CHECK_LIMIT:-80}" python3 build/check_fwd.py --skip-timing \
+  --lib "$LIB"
+step check_bwd "${CHECK_LIMIT:-100}" python3 build/check_bwd.py --skip-timing \
+  --no-torch --library "$LIB"
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+step memcheck "${SAN_LIMIT:-100}" "$SAN" --tool memcheck --error-exitcode 3 \
+  --kernel-name kns=flash python3 build/sanitize_cases.py
+step racecheck "${SAN_LIMIT:-80}" "$SAN" --tool racecheck --error-exitcode 3 \
+  --kernel-name kns=flash python3 build/sanitize_cases.py --small
+
+echo "GPU: $(cat "$OUT/gpu.txt")"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
