@@ -58,7 +58,7 @@ class Instantiation:
     template, function, params = DIRECTIONS[self.direction]
     return (f"{HEADER}#include \"{template}\"\n\n"
             f"namespace jax_flash {{\n"
-            f"template void {function}<{DTYPES[self.dtype]}, {self.head_dim}>"
+            f"template int {function}<{DTYPES[self.dtype]}, {self.head_dim}>"
             f"(const {params}&, cudaStream_t);\n"
             f"}}  // namespace jax_flash\n")
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "ffi_common.h"
 #include "flash.h"
 #include "flash_bwd_tile_size.h"
 #include "kernel_list.h"
@@ -17,18 +18,15 @@ namespace ffi = xla::ffi;
 
 namespace jax_flash {
 
-// Defined in the generated flash_bwd_hdim*_*.cu files.
-template <typename T, int kHeadDim>
-void run_mha_bwd_(const BwdParams& p, cudaStream_t stream);
-
 namespace {
 
-// Runs the compiled instantiation for (dtype, head dim); false if none.
-bool dispatch_bwd(const BwdParams& p, cudaStream_t stream) {
+// Runs the compiled instantiation for (dtype, head dim): false if there is
+// none; *smem_needed as run_mha_bwd_ returns it.
+bool dispatch_bwd(const BwdParams& p, cudaStream_t stream, int* smem_needed) {
 #define JAX_FLASH_BWD_CASE(T, dtype_tag, D)                    \
   if (p.is_bf16 == std::is_same_v<T, __nv_bfloat16> &&         \
       p.head_dim == D) {                                       \
-    run_mha_bwd_<T, D>(p, stream);                             \
+    *smem_needed = run_mha_bwd_<T, D>(p, stream);              \
     return true;                                               \
   }
   JAX_FLASH_BWD_KERNELS(JAX_FLASH_BWD_CASE)
@@ -36,42 +34,7 @@ bool dispatch_bwd(const BwdParams& p, cudaStream_t stream) {
   return false;
 }
 
-std::string shape_text(ffi::AnyBuffer::Dimensions dims) {
-  std::string text = "(";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    text += (i ? ", " : "") + std::to_string(dims[i]);
-  }
-  return text + ")";
-}
-
-// An error unless `buffer` has exactly the dimensions `want`.
-ffi::Error expect_shape(const char* name, ffi::AnyBuffer::Dimensions dims,
-                        std::initializer_list<int64_t> want) {
-  bool same = dims.size() == want.size();
-  for (size_t i = 0; same && i < dims.size(); ++i) {
-    same = dims[i] == want.begin()[i];
-  }
-  if (same) return ffi::Error::Success();
-  std::string wanted = "(";
-  for (int64_t d : want) wanted += std::to_string(d) + ",";
-  return ffi::Error::InvalidArgument(std::string("jax_flash_bwd: ") + name +
-                                     " has shape " + shape_text(dims) +
-                                     ", expected " + wanted + ")");
-}
-
-// An optional operand is either empty or of shape `want`; returns its data
-// or nullptr.
-template <typename Buffer>
-ffi::Error optional_operand(const char* name, const Buffer& buffer,
-                            std::initializer_list<int64_t> want,
-                            const void** data) {
-  *data = nullptr;
-  if (buffer.element_count() == 0) return ffi::Error::Success();
-  ffi::Error e = expect_shape(name, buffer.dimensions(), want);
-  if (e.failure()) return e;
-  *data = buffer.untyped_data();
-  return ffi::Error::Success();
-}
+constexpr const char* kTarget = "jax_flash_bwd";
 
 ffi::Error JaxFlashBwdImpl(
     cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -108,11 +71,17 @@ ffi::Error JaxFlashBwdImpl(
         "jax_flash_bwd: need H % Hkv == 0 and D == Dv, got q " +
         shape_text(qd) + ", k " + shape_text(kd) + ", v " + shape_text(vd));
   }
-  ffi::Error e = expect_shape("k", kd, {B, Sk, Hkv, D});
-  if (e.success()) e = expect_shape("v", vd, {B, Sk, Hkv, Dv});
-  if (e.success()) e = expect_shape("out", out.dimensions(), {B, Sq, H, Dv});
-  if (e.success()) e = expect_shape("dout", dout.dimensions(), {B, Sq, H, Dv});
-  if (e.success()) e = expect_shape("lse", lse.dimensions(), {B, H, Sq});
+  ffi::Error e = expect_shape(kTarget, "k", kd, {B, Sk, Hkv, D});
+  if (e.success()) e = expect_shape(kTarget, "v", vd, {B, Sk, Hkv, Dv});
+  if (e.success()) {
+    e = expect_shape(kTarget, "out", out.dimensions(), {B, Sq, H, Dv});
+  }
+  if (e.success()) {
+    e = expect_shape(kTarget, "dout", dout.dimensions(), {B, Sq, H, Dv});
+  }
+  if (e.success()) {
+    e = expect_shape(kTarget, "lse", lse.dimensions(), {B, H, Sq});
+  }
   if (e.failure()) return e;
 
   BwdParams p;
@@ -154,26 +123,31 @@ ffi::Error JaxFlashBwdImpl(
   p.deterministic = deterministic;
 
   const void* data = nullptr;
-  e = optional_operand("alibi_slopes", alibi_slopes, {B, H}, &data);
+  e = optional_operand(kTarget, "alibi_slopes", alibi_slopes, {B, H},
+                       &data);
   p.alibi_slopes = static_cast<const float*>(data);
   if (e.success()) {
-    e = optional_operand("q_segment_ids", q_segment_ids, {B, Sq}, &data);
+    e = optional_operand(kTarget, "q_segment_ids", q_segment_ids,
+                         {B, Sq}, &data);
     p.q_segment_ids = static_cast<const int32_t*>(data);
   }
   if (e.success()) {
-    e = optional_operand("kv_segment_ids", kv_segment_ids, {B, Sk}, &data);
+    e = optional_operand(kTarget, "kv_segment_ids", kv_segment_ids,
+                         {B, Sk}, &data);
     p.kv_segment_ids = static_cast<const int32_t*>(data);
   }
   if (e.success()) {
-    e = optional_operand("q_lengths", q_lengths, {B}, &data);
+    e = optional_operand(kTarget, "q_lengths", q_lengths,
+                         {B}, &data);
     p.q_lengths = static_cast<const int32_t*>(data);
   }
   if (e.success()) {
-    e = optional_operand("kv_lengths", kv_lengths, {B}, &data);
+    e = optional_operand(kTarget, "kv_lengths", kv_lengths,
+                         {B}, &data);
     p.kv_lengths = static_cast<const int32_t*>(data);
   }
   if (e.success()) {
-    e = optional_operand("dlse", dlse, {B, H, Sq}, &data);
+    e = optional_operand(kTarget, "dlse", dlse, {B, H, Sq}, &data);
     p.dlse = static_cast<const float*>(data);
   }
   if (e.failure()) return e;
@@ -182,7 +156,7 @@ ffi::Error JaxFlashBwdImpl(
         "jax_flash_bwd: q_segment_ids and kv_segment_ids come together");
   }
   if (p.alibi_slopes != nullptr) {
-    e = expect_shape("dalibi", dalibi->dimensions(), {B, H});
+    e = expect_shape(kTarget, "dalibi", dalibi->dimensions(), {B, H});
     if (e.failure()) return e;
     p.dalibi = dalibi->typed_data();
   }
@@ -199,25 +173,20 @@ ffi::Error JaxFlashBwdImpl(
   p.workspace_bytes = layout.total;
   if (B == 0 || Sq == 0 || H == 0) return ffi::Error::Success();
 
-  int device = 0;
-  cudaGetDevice(&device);
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, device);
-  p.arch = 10 * major + minor;
+  set_device_info(&p);
 
   const std::string what = std::string("jax_flash_bwd (") +
                            (p.is_bf16 ? "bf16" : "fp16") + ", D=" +
                            std::to_string(D) + ")";
-  if (!dispatch_bwd(p, stream)) {
+  int smem_needed = 0;
+  if (!dispatch_bwd(p, stream, &smem_needed)) {
     return ffi::Error::InvalidArgument(what + ": not compiled in this build");
   }
+  if (smem_needed > 0) return shared_memory_error(what, smem_needed, p);
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
-    return ffi::Error::Internal(
-        what + ": launch of bwd_preprocess_kernel / flash_bwd_kernel / "
-        "bwd_convert_dq_kernel failed: " + cudaGetErrorString(status));
+    return launch_error(what + ": bwd_preprocess_kernel / flash_bwd_kernel / "
+                        "bwd_convert_dq_kernel", status);
   }
   return ffi::Error::Success();
 }

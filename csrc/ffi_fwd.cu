@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "ffi_common.h"
 #include "flash.h"
 #include "kernel_list.h"
 #include "xla/ffi/api/ffi.h"
@@ -20,56 +21,7 @@ namespace {
 
 constexpr ffi::DataType kDtype_bf16 = ffi::DataType::BF16;
 constexpr ffi::DataType kDtype_fp16 = ffi::DataType::F16;
-
-std::string shape_str(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    s += (i ? ", " : "") + std::to_string(dims[i]);
-  }
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
-
-// An optional operand is either empty, shape (0,), or exactly `want`.
-template <typename Buffer>
-ffi::Error check_optional(const Buffer& buf, std::initializer_list<int64_t>
-                          want, const char* name, bool* present) {
-  const auto dims = buf.dimensions();
-  *present = !(dims.size() == 1 && dims[0] == 0);
-  if (!*present) return ffi::Error::Success();
-  bool ok = dims.size() == want.size();
-  for (size_t i = 0; ok && i < want.size(); ++i) {
-    ok = dims[i] == want.begin()[i];
-  }
-  if (!ok) {
-    return ffi::Error::InvalidArgument(std::string("jax_flash_fwd: ") + name +
-                                       " has shape " + shape_str(dims));
-  }
-  return ffi::Error::Success();
-}
-
-// Device properties, read once per device.
-struct DeviceInfo {
-  int arch = 0;
-  int num_sms = 0;
-};
-
-DeviceInfo device_info() {
-  constexpr int kMaxDevices = 64;
-  static DeviceInfo cache[kMaxDevices];
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < 0 || device >= kMaxDevices) device = 0;
-  DeviceInfo& info = cache[device];
-  if (info.arch == 0) {
-    int major = 0, minor = 0, sms = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    info.num_sms = sms;
-    info.arch = major * 10 + minor;
-  }
-  return info;
-}
+constexpr const char* kTarget = "jax_flash_fwd";
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                    ffi::AnyBuffer v, ffi::Buffer<ffi::F32> alibi_slopes,
@@ -85,7 +37,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument(
         "jax_flash_fwd: q, k, v must be (B, S, heads, D); got " +
-        shape_str(qd) + ", " + shape_str(kd) + ", " + shape_str(vd));
+        shape_text(qd) + ", " + shape_text(kd) + ", " + shape_text(vd));
   }
   const ffi::DataType dtype = q.element_type();
   if ((dtype != kDtype_bf16 && dtype != kDtype_fp16) ||
@@ -99,8 +51,8 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   if (kd[0] != B || vd[0] != B || vd[1] != Sk || vd[2] != Hkv || kd[3] != D ||
       Hkv == 0 || H % Hkv != 0 || D != Dv) {
     return ffi::Error::InvalidArgument(
-        "jax_flash_fwd: inconsistent shapes q " + shape_str(qd) + ", k " +
-        shape_str(kd) + ", v " + shape_str(vd) +
+        "jax_flash_fwd: inconsistent shapes q " + shape_text(qd) + ", k " +
+        shape_text(kd) + ", v " + shape_text(vd) +
         " (need H % Hkv == 0 and D == Dv)");
   }
   const auto od = out->dimensions(), ld = lse->dimensions();
@@ -109,20 +61,31 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
       ld[2] != Sq) {
     return ffi::Error::InvalidArgument(
         "jax_flash_fwd: results must be out (B, Sq, H, Dv), lse (B, H, Sq); "
-        "got " + shape_str(od) + ", " + shape_str(ld));
+        "got " + shape_text(od) + ", " + shape_text(ld));
   }
-  bool has_alibi, has_q_seg, has_kv_seg, has_q_len, has_kv_len;
-  if (auto e = check_optional(alibi_slopes, {B, H}, "alibi_slopes",
-                              &has_alibi); e.failure()) return e;
-  if (auto e = check_optional(q_segment_ids, {B, Sq}, "q_segment_ids",
-                              &has_q_seg); e.failure()) return e;
-  if (auto e = check_optional(kv_segment_ids, {B, Sk}, "kv_segment_ids",
-                              &has_kv_seg); e.failure()) return e;
-  if (auto e = check_optional(q_lengths, {B}, "q_lengths", &has_q_len);
-      e.failure()) return e;
-  if (auto e = check_optional(kv_lengths, {B}, "kv_lengths", &has_kv_len);
-      e.failure()) return e;
-  if (has_q_seg != has_kv_seg) {
+  const void* alibi = nullptr;
+  const void* q_seg = nullptr;
+  const void* kv_seg = nullptr;
+  const void* q_len = nullptr;
+  const void* kv_len = nullptr;
+  ffi::Error e = optional_operand(kTarget, "alibi_slopes", alibi_slopes,
+                                  {B, H}, &alibi);
+  if (e.success()) {
+    e = optional_operand(kTarget, "q_segment_ids", q_segment_ids, {B, Sq},
+                         &q_seg);
+  }
+  if (e.success()) {
+    e = optional_operand(kTarget, "kv_segment_ids", kv_segment_ids, {B, Sk},
+                         &kv_seg);
+  }
+  if (e.success()) {
+    e = optional_operand(kTarget, "q_lengths", q_lengths, {B}, &q_len);
+  }
+  if (e.success()) {
+    e = optional_operand(kTarget, "kv_lengths", kv_lengths, {B}, &kv_len);
+  }
+  if (e.failure()) return e;
+  if ((q_seg == nullptr) != (kv_seg == nullptr)) {
     return ffi::Error::InvalidArgument(
         "jax_flash_fwd: q_segment_ids and kv_segment_ids come together");
   }
@@ -159,21 +122,20 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   p.window_left = window_left < 0 ? -1 : window_left;
   p.window_right = window_right < 0 ? -1 : window_right;
   p.softcap = softcap > 0.f ? softcap : 0.f;
-  p.alibi_slopes = has_alibi ? alibi_slopes.typed_data() : nullptr;
-  p.q_segment_ids = has_q_seg ? q_segment_ids.typed_data() : nullptr;
-  p.kv_segment_ids = has_kv_seg ? kv_segment_ids.typed_data() : nullptr;
-  p.q_lengths = has_q_len ? q_lengths.typed_data() : nullptr;
-  p.kv_lengths = has_kv_len ? kv_lengths.typed_data() : nullptr;
+  p.alibi_slopes = static_cast<const float*>(alibi);
+  p.q_segment_ids = static_cast<const int32_t*>(q_seg);
+  p.kv_segment_ids = static_cast<const int32_t*>(kv_seg);
+  p.q_lengths = static_cast<const int32_t*>(q_len);
+  p.kv_lengths = static_cast<const int32_t*>(kv_len);
   p.is_bf16 = dtype == kDtype_bf16;
-  const DeviceInfo info = device_info();
-  p.arch = info.arch;
-  p.num_sms = info.num_sms;
+  set_device_info(&p);
 
   const char* kernel = nullptr;
-#define JAX_FLASH_DISPATCH_FWD(T, tag, head_dim)             \
+  int smem_needed = 0;
+#define JAX_FLASH_DISPATCH_FWD(T, tag, head_dim)                     \
   if (kernel == nullptr && dtype == kDtype_##tag && D == head_dim) { \
-    run_mha_fwd_<T, head_dim>(p, stream);                    \
-    kernel = "flash_fwd<" #tag ", " #head_dim ">";           \
+    smem_needed = run_mha_fwd_<T, head_dim>(p, stream);              \
+    kernel = "flash_fwd<" #tag ", " #head_dim ">";                   \
   }
   JAX_FLASH_FWD_KERNELS(JAX_FLASH_DISPATCH_FWD)
 #undef JAX_FLASH_DISPATCH_FWD
@@ -182,10 +144,13 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
         "jax_flash_fwd: no kernel built for this dtype and head dim " +
         std::to_string(D) + " (see jax_flash_build_info)");
   }
+  if (smem_needed > 0) {
+    return shared_memory_error(std::string("jax_flash_fwd: ") + kernel,
+                               smem_needed, p);
+  }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_flash_fwd: ") + kernel +
-                                " failed: " + cudaGetErrorString(err));
+    return launch_error(std::string("jax_flash_fwd: ") + kernel, err);
   }
   return ffi::Error::Success();
 }

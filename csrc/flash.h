@@ -59,6 +59,9 @@ struct FwdParams {
   bool is_bf16 = true;  // T is bf16 (else fp16)
   int arch = 80;        // compute capability of the device, e.g. 80, 90
   int num_sms = 0;      // multiprocessors on the device
+  // Dynamic shared memory a CTA may opt into on the device (bytes); the
+  // launch templates pick leaner variants below their fast kernels' needs.
+  int max_smem_per_block = 227 * 1024;
 };
 
 // The backward pass: the forward's inputs and mask, plus out, dout, lse and
@@ -89,11 +92,13 @@ struct BwdParams : FwdParams {
 
 // One instantiation per (T, kHeadDim) is compiled from the files
 // build/generate_kernels.py writes; build/generated/kernel_list.h lists them.
-// T is __nv_bfloat16 or __half; kHeadDim = D = Dv.
+// T is __nv_bfloat16 or __half; kHeadDim = D = Dv. They return 0 once the
+// kernels are launched, or, launching nothing, the bytes of shared memory
+// per block the smallest variant needs when the device offers less.
 template <typename T, int kHeadDim>
-void run_mha_fwd_(const FwdParams& params, cudaStream_t stream);
+int run_mha_fwd_(const FwdParams& params, cudaStream_t stream);
 
 template <typename T, int kHeadDim>
-void run_mha_bwd_(const BwdParams& params, cudaStream_t stream);
+int run_mha_bwd_(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace jax_flash

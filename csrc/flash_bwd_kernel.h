@@ -29,10 +29,16 @@
 
 namespace jax_flash {
 
-template <typename T_, int kHeadDim_>
+// kQStages: Q/dO buffers. 2: the next query tile loads while this one is
+// multiplied; 1 (GPUs with less shared memory per block, e.g. A100 at head
+// dims >= 128): it loads after this tile's last product, during its dQ
+// atomics.
+template <typename T_, int kHeadDim_, int kQStages_>
 struct BwdKernelTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kQStages = kQStages_;
+  static_assert(kQStages == 1 || kQStages == 2, "one or two Q/dO stages");
   static constexpr int kBlockM = bwd_block_m(kHeadDim);
   static constexpr int kBlockN = bwd_block_n(kHeadDim);
   static constexpr int kThreads = kBwdThreads;
@@ -42,13 +48,12 @@ struct BwdKernelTraits {
   static constexpr int kTileQ = kBlockM * kPitch;
   static constexpr int kTileK = kBlockN * kPitch;
   static constexpr int kTileP = kBlockM * kPitchP;
-  // K, V; Q and dO twice (the next query tile loads during this one); P, dS;
-  // then lse and delta of both stages (2 x 2 x kBlockM floats), the key
-  // tile's segment ids (kBlockN ints) and the dalibi row sums of the 4 warp
-  // columns (4 x kBlockM float4).
+  // K, V; Q and dO per stage; P, dS; then lse and delta per stage
+  // (kQStages x 2 x kBlockM floats), the key tile's segment ids (kBlockN
+  // ints) and the dalibi row sums of the 4 warp columns (4 x kBlockM float4).
   static constexpr int kSmemBytes =
-      (2 * kTileK + 4 * kTileQ + 2 * kTileP) * sizeof(T) +
-      (4 * kBlockM + kBlockN + 16 * kBlockM) * 4;
+      (2 * kTileK + 2 * kQStages * kTileQ + 2 * kTileP) * sizeof(T) +
+      (2 * kQStages * kBlockM + kBlockN + 16 * kBlockM) * 4;
   static_assert(kSmemBytes <= 227 * 1024, "over the sm90 limit per CTA");
 
   // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
@@ -126,13 +131,14 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   extern __shared__ __align__(16) char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + Traits::kTileK;
-  T* sQ = sV + Traits::kTileK;       // 2 stages
-  T* sdO = sQ + 2 * Traits::kTileQ;  // 2 stages
-  T* sP = sdO + 2 * Traits::kTileQ;
+  constexpr int kQStages = Traits::kQStages;
+  T* sQ = sV + Traits::kTileK;                // per stage
+  T* sdO = sQ + kQStages * Traits::kTileQ;    // per stage
+  T* sP = sdO + kQStages * Traits::kTileQ;
   T* sdS = sP + Traits::kTileP;
-  float* s_lse = reinterpret_cast<float*>(sdS + Traits::kTileP);  // 2 stages
-  float* s_delta = s_lse + 2 * kBlockM;                           // 2 stages
-  int* s_kv_seg = reinterpret_cast<int*>(s_delta + 2 * kBlockM);
+  float* s_lse = reinterpret_cast<float*>(sdS + Traits::kTileP);  // per stage
+  float* s_delta = s_lse + kQStages * kBlockM;                    // per stage
+  int* s_kv_seg = reinterpret_cast<int*>(s_delta + kQStages * kBlockM);
   // Per warp column, per query row: (sum P dP |d|, sum P |d|, sum P dP).
   float4* s_alibi = reinterpret_cast<float4*>(s_kv_seg + kBlockN);
 
@@ -233,14 +239,16 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
 
   for (int step = 0; step < num_steps; ++step) {
-    const int stage = step % 2;
+    const int stage = kQStages == 2 ? step % 2 : 0;
     const int h = h_kv * group + step / steps_per_head;
     const int m0 = (m_begin + step % steps_per_head) * kBlockM;
     const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
     cp_async_wait<0>();
     __syncthreads();
-    if (step + 1 < num_steps) load_step(step + 1, stage ^ 1);
-    cp_async_commit();
+    if constexpr (kQStages == 2) {
+      if (step + 1 < num_steps) load_step(step + 1, stage ^ 1);
+      cp_async_commit();
+    }
     const bool tile_masked =
         mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN);
     const T* sQ_cur = sQ + stage * Traits::kTileQ;
@@ -289,7 +297,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
               float& sv = acc_s[mi][nj][2 * e + c];
               float& dpv = acc_dp[mi][nj][2 * e + c];
               const int jt = s_col0 + nj * 8 + quad_col + c, j = n0 + jt;
-              float prob, capped = 0.f;
+              float prob;
+              [[maybe_unused]] float capped = 0.f;
               if constexpr (kScoreMod) {
                 capped = softcap.enabled() ? softcap(sv * p.softmax_scale)
                                            : sv * p.softmax_scale;
@@ -374,6 +383,11 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     zero(acc_dq);
     warp_mma<Traits::kQM16, Traits::kQN8, kBlockN, false, true>(
         acc_dq, sdS + dq_row0 * kPitchP, kPitchP, sK + dq_col0, kPitch);
+    if constexpr (kQStages == 1) {
+      __syncthreads();  // every warp is done with this Q, dO, lse, delta
+      if (step + 1 < num_steps) load_step(step + 1, 0);
+      cp_async_commit();
+    }
     int* sem = p.deterministic
         ? s.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
     if (p.deterministic) semaphore_wait(sem, n_block);

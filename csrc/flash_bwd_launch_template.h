@@ -27,13 +27,16 @@ void launch_bwd_main(const BwdParams& p, const BwdScratch& scratch,
   kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scratch);
 }
 
-// Computes dq, dk, dv (and dalibi) for tensors of type T and head dim
-// kHeadDim (= Dv); p.workspace holds jax_flash_bwd_workspace_bytes(...)
-// bytes. Stops at the first launch that fails; the caller checks
-// cudaGetLastError() afterwards.
-template <typename T, int kHeadDim>
-void run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
-  using Traits = BwdKernelTraits<T, kHeadDim>;
+// Computes dq, dk, dv (and dalibi) with the kernels of Traits;
+// p.workspace holds jax_flash_bwd_workspace_bytes(...) bytes. Returns 0 after
+// launching (stopping at the first launch that fails; the caller checks
+// cudaGetLastError()), or launching nothing, the shared memory Traits needs
+// when the device offers less.
+template <typename Traits>
+int run_bwd_with(const BwdParams& p, cudaStream_t stream) {
+  if (Traits::kSmemBytes > p.max_smem_per_block) return Traits::kSmemBytes;
+  using T = typename Traits::T;
+  constexpr int kHeadDim = Traits::kHeadDim;
   const BwdScratch scratch = BwdScratch::make(p);
   const int num_m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   const int num_n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
@@ -41,7 +44,7 @@ void run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
 
   bwd_preprocess_kernel<T, kHeadDim, Traits::kBlockM>
       <<<row_grid, 256, 0, stream>>>(p, scratch);
-  if (cudaPeekAtLastError() != cudaSuccess) return;
+  if (cudaPeekAtLastError() != cudaSuccess) return 0;
 
   if (num_n_blocks > 0) {  // else no key: dK, dV are empty and dQ is 0
     // Softcap and alibi take the path that computes each logit explicitly.
@@ -50,11 +53,25 @@ void run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
     } else {
       launch_bwd_main<Traits, false>(p, scratch, num_n_blocks, stream);
     }
-    if (cudaPeekAtLastError() != cudaSuccess) return;
+    if (cudaPeekAtLastError() != cudaSuccess) return 0;
   }
 
   bwd_convert_dq_kernel<T, kHeadDim, Traits::kBlockM>
       <<<row_grid, 256, 0, stream>>>(p, scratch);
+  return 0;
+}
+
+// Two Q/dO stages where the device has the shared memory for them, else one
+// (compiled only for head dims whose two-stage kernel exceeds an A100's).
+template <typename T, int kHeadDim>
+int run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
+  using TwoStages = BwdKernelTraits<T, kHeadDim, 2>;
+  if constexpr (TwoStages::kSmemBytes > kSm80SmemPerBlock) {
+    if (TwoStages::kSmemBytes > p.max_smem_per_block) {
+      return run_bwd_with<BwdKernelTraits<T, kHeadDim, 1>>(p, stream);
+    }
+  }
+  return run_bwd_with<TwoStages>(p, stream);
 }
 
 }  // namespace jax_flash

@@ -1,10 +1,12 @@
 // FlashAttention-2-style forward kernel for sm80 and later (mma.sync).
 //
 // One CTA per (query tile, head, batch). Its warps split the query rows; K
-// and V tiles stream through shared memory with cp.async, two stages deep,
-// and the kernel walks them from the last visible key tile down, so that the
-// tiles that need masking (the diagonal, the ragged end) come first and the
-// rest run unmasked. Scores and the output stay in registers:
+// and V tiles stream through shared memory with cp.async, two stages deep
+// (one, where shared memory is short: K[n-1] then loads during P V[n] and
+// V[n-1] during the next Q K^T), and the kernel walks them from the last
+// visible key tile down, so that the tiles that need masking (the diagonal,
+// the ragged end) come first and the rest run unmasked. Scores and the
+// output stay in registers:
 //   S = Q K^T (mma.sync m16n8k16), online softmax in base 2 with the scale
 //   folded into one fma, O += P V, and O / rowsum at the end.
 #pragma once
@@ -21,7 +23,7 @@
 namespace jax_flash {
 
 template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_,
-          int kNWarps_>
+          int kNWarps_, int kStages_>
 struct FwdKernelTraits {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -34,7 +36,8 @@ struct FwdKernelTraits {
   static constexpr int kNTiles = kBlockN / 8;    // n8 tiles of S
   static constexpr int kDTiles = kHeadDim / 8;   // n8 tiles of O
   static constexpr int kPitch = smem_row_pitch(kHeadDim);  // elements
-  static constexpr int kStages = fwd_kv_stages(kHeadDim);
+  static constexpr int kStages = kStages_;  // K and V buffers: 1 or 2 each
+  static_assert(kStages == 1 || kStages == 2, "one or two K/V stages");
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks
   // Shared memory: Q (kBlockM rows), then kStages K tiles, kStages V tiles.
   static constexpr int kQElems = kBlockM * kPitch;
@@ -211,13 +214,15 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
     __syncthreads();
     // Only the first tile (n_hi) can end past Sk: the ones prefetched here
     // lie below it and are full.
-    if (n > n_lo) {
-      load_tile<Traits, kBlockN, true>(
-          k_base + (stage ^ 1) * kStageBytes,
-          k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
-          kv_rows(n - 1), tid);
+    if constexpr (Traits::kStages == 2) {
+      if (n > n_lo) {
+        load_tile<Traits, kBlockN, true>(
+            k_base + (stage ^ 1) * kStageBytes,
+            k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
+            kv_rows(n - 1), tid);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
 
     // S = Q K^T
     float s[kRowBlocks][kNTiles][4];
@@ -308,15 +313,26 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 
     softmax.update(s, acc, scale_log2);
 
-    cp_async_wait<1>();  // V[n] has landed (K[n-1] may still be in flight)
-    __syncthreads();
-    if (n > n_lo) {
-      load_tile<Traits, kBlockN, true>(
-          v_base + (stage ^ 1) * kStageBytes,
-          v + (n - 1) * kBlockN * p.v_row_stride, p.v_row_stride,
-          kv_rows(n - 1), tid);
+    if constexpr (Traits::kStages == 2) {
+      cp_async_wait<1>();  // V[n] has landed (K[n-1] may still be in flight)
+      __syncthreads();
+      if (n > n_lo) {
+        load_tile<Traits, kBlockN, true>(
+            v_base + (stage ^ 1) * kStageBytes,
+            v + (n - 1) * kBlockN * p.v_row_stride, p.v_row_stride,
+            kv_rows(n - 1), tid);
+      }
+      cp_async_commit();
+    } else {
+      cp_async_wait<0>();  // V[n] has landed
+      __syncthreads();     // and every warp is done with K[n]
+      if (n > n_lo) {
+        load_tile<Traits, kBlockN, true>(
+            k_base, k + (n - 1) * kBlockN * p.k_row_stride, p.k_row_stride,
+            kv_rows(n - 1), tid);
+      }
+      cp_async_commit();
     }
-    cp_async_commit();
 
     // O += P V, P taken from the score registers: the C layout of n8 tiles
     // 2kk and 2kk+1 is the A layout of k16 step kk.
@@ -342,7 +358,17 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
         }
       }
     }
-    stage ^= 1;
+    if constexpr (Traits::kStages == 2) {
+      stage ^= 1;
+    } else {
+      __syncthreads();  // every warp is done with V[n]
+      if (n > n_lo) {
+        load_tile<Traits, kBlockN, true>(
+            v_base, v + (n - 1) * kBlockN * p.v_row_stride, p.v_row_stride,
+            kv_rows(n - 1), tid);
+      }
+      cp_async_commit();
+    }
   };
 
   // Tiles wholly inside the unmasked key range skip the mask. Walking down

@@ -81,6 +81,31 @@ def test_padded_head_dims(d, dv):
                           MaskArrays())
 
 
+@pytest.mark.parametrize("d,options,parts", [
+    (128, dict(causal=True), {}),
+    (192, dict(window_left=40, window_right=10), dict(lengths=True)),
+    (224, {}, dict(segments=True)),
+    (256, dict(causal=True, softcap=8.0), dict(alibi=True)),
+])
+def test_variants_for_less_shared_memory(monkeypatch, d, options, parts):
+  """The leaner kernels an A100 runs (163 KB of shared memory per block),
+  checked on a larger GPU by lowering the limit the handlers assume."""
+  monkeypatch.setenv("JAX_FLASH_MAX_SMEM_PER_BLOCK", str(163 * 1024))
+  rng = np.random.default_rng(14)
+  q, k, v = _inputs(14, 2, 150, 233, 4, 2, d)
+  masks = make_masks(rng, 2, 150, 233, 4, **parts)
+  check_against_reference(cuda.attention, q, k, v, _config(d, **options),
+                          masks)
+
+
+def test_too_little_shared_memory_is_a_clear_error(monkeypatch):
+  monkeypatch.setenv("JAX_FLASH_MAX_SMEM_PER_BLOCK", "1000")
+  q, k, v = _inputs(15, 1, 64, 64, 2, 2, 64)
+  forward = jax.jit(cuda.attention_forward, static_argnums=3)
+  with pytest.raises(Exception, match="bytes of shared memory per block"):
+    jax.block_until_ready(forward(q, k, v, _config(64), MaskArrays()))
+
+
 def test_float16():
   q, k, v = _inputs(4, 2, 113, 113, 4, 2, 128, dtype=jnp.float16)
   check_against_reference(cuda.attention, q, k, v, _config(128), MaskArrays())

@@ -1,0 +1,116 @@
+// Helpers shared by the FFI handlers (ffi_fwd.cu, ffi_bwd.cu): shape checks
+// with errors that name the operand, optional operands, and the device
+// properties the launch templates choose kernels by.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
+
+#include "flash.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flash {
+
+namespace ffi = xla::ffi;
+
+// "(2, 128, 8, 64)"; a 1-d shape as "(0,)".
+inline std::string shape_text(ffi::AnyBuffer::Dimensions dims) {
+  std::string text = "(";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    text += (i ? ", " : "") + std::to_string(dims[i]);
+  }
+  return text + (dims.size() == 1 ? ",)" : ")");
+}
+
+// An error naming `target` and `name` unless `dims` is exactly `want`.
+inline ffi::Error expect_shape(const char* target, const char* name,
+                               ffi::AnyBuffer::Dimensions dims,
+                               std::initializer_list<int64_t> want) {
+  bool same = dims.size() == want.size();
+  for (size_t i = 0; same && i < dims.size(); ++i) {
+    same = dims[i] == want.begin()[i];
+  }
+  if (same) return ffi::Error::Success();
+  std::string wanted = "(";
+  for (int64_t d : want) wanted += std::to_string(d) + ", ";
+  wanted = wanted.substr(0, wanted.size() - 2) + ")";
+  return ffi::Error::InvalidArgument(std::string(target) + ": " + name +
+                                     " has shape " + shape_text(dims) +
+                                     ", expected " + wanted);
+}
+
+// An optional operand is either empty, shape (0,), or exactly `want`.
+// Sets *data to its data, or nullptr when empty.
+template <typename Buffer>
+ffi::Error optional_operand(const char* target, const char* name,
+                            const Buffer& buffer,
+                            std::initializer_list<int64_t> want,
+                            const void** data) {
+  *data = nullptr;
+  if (buffer.element_count() == 0) return ffi::Error::Success();
+  ffi::Error e = expect_shape(target, name, buffer.dimensions(), want);
+  if (e.failure()) return e;
+  *data = buffer.untyped_data();
+  return ffi::Error::Success();
+}
+
+// Environment variable that lowers the shared memory per block the kernels
+// assume (bytes): the tests use it to run the leaner A100 variants on a
+// GPU with more.
+constexpr const char* kMaxSmemEnvVar = "JAX_FLASH_MAX_SMEM_PER_BLOCK";
+
+// Fills p.arch, p.num_sms and p.max_smem_per_block from the current device
+// (read once per device; the environment override at every call).
+inline void set_device_info(FwdParams* p) {
+  struct Info {
+    int arch = 0, num_sms = 0, max_smem = 0;
+  };
+  constexpr int kMaxDevices = 64;
+  static Info cache[kMaxDevices];
+  int device = 0;
+  cudaGetDevice(&device);
+  Info fresh;
+  Info& info = device >= 0 && device < kMaxDevices ? cache[device] : fresh;
+  if (info.arch == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount,
+                           device);
+    cudaDeviceGetAttribute(&info.max_smem,
+                           cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    info.arch = 10 * major + minor;
+  }
+  p->arch = info.arch;
+  p->num_sms = info.num_sms;
+  p->max_smem_per_block = info.max_smem;
+  if (const char* limit = std::getenv(kMaxSmemEnvVar)) {
+    const long value = std::strtol(limit, nullptr, 10);
+    if (value > 0 && value < p->max_smem_per_block) {
+      p->max_smem_per_block = static_cast<int>(value);
+    }
+  }
+}
+
+// The error for a failed launch, naming the kernel.
+inline ffi::Error launch_error(const std::string& what, cudaError_t status) {
+  return ffi::Error::Internal(what + " failed: " +
+                              cudaGetErrorString(status));
+}
+
+// The error for a kernel that needs more shared memory than the GPU offers.
+inline ffi::Error shared_memory_error(const std::string& what, int needed,
+                                      const FwdParams& p) {
+  return ffi::Error(
+      ffi::ErrorCode::kResourceExhausted,
+      what + " needs " + std::to_string(needed) +
+          " bytes of shared memory per block; this GPU offers " +
+          std::to_string(p.max_smem_per_block) + " (sm_" +
+          std::to_string(p.arch) + ")");
+}
+
+}  // namespace jax_flash
