@@ -185,3 +185,19 @@ def test_isolated_run_merges_one_process_per_implementation(tmp_path):
   for name in ("jax_xla", "jax_flash_xla"):
     assert (tmp_path / "parts" / name / "results.json").exists()
   assert "--isolate" in (tmp_path / "results.md").read_text()
+
+
+def test_merging_results_keeps_the_first_record_and_every_command(tmp_path):
+  env = {"date": "2026-01-01", "device": "test", "gpu": None,
+         "backend": "cpu", "versions": {"jax": "0"}}
+  first, second = tmp_path / "first.json", tmp_path / "second.json"
+  first.write_text(json.dumps({
+      "environment": dict(env, command="run one"),
+      "records": [_record("a", True, 300.0)]}))
+  second.write_text(json.dumps({
+      "environment": dict(env, command="run two"),
+      "records": [_record("a", True, 100.0), _record("c", False, 500.0)]}))
+  records, merged = bench_main.load_results([first, second])
+  assert [(r["impl"], r["tflops"]) for r in records] == [("a", 300.0),
+                                                         ("c", 500.0)]
+  assert merged["command"] == "run one`; `run two"

@@ -102,12 +102,26 @@ def write_outputs(records: list[dict[str, Any]], env: dict[str, Any],
 
 def load_results(paths: list[pathlib.Path]
                  ) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
-  """The records of several results.json files and the first environment."""
-  records, env = [], None
+  """The records of several results.json files, merged, and an environment.
+
+  A (case, implementation, mode) measured in more than one file keeps its
+  first record, so list the file whose rows belong together first. The
+  environment is the first file's, with every distinct command joined.
+  """
+  records, env, commands, seen = [], None, [], set()
   for path in paths:
     loaded = json.loads(path.read_text())
-    records += loaded["records"]
-    env = env or loaded["environment"]
+    for record in loaded["records"]:
+      key = (json.dumps(record["case"], sort_keys=True), record["impl"],
+             record["mode"])
+      if key not in seen:
+        seen.add(key)
+        records.append(record)
+    env = env or dict(loaded["environment"])
+    if loaded["environment"]["command"] not in commands:
+      commands.append(loaded["environment"]["command"])
+  if env is not None:
+    env["command"] = "`; `".join(commands)
   return records, env
 
 
