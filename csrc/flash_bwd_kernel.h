@@ -118,7 +118,8 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src,
 
 // kScoreMod: softcap or alibi is on (the launch picks); without it the
 // scale folds into exp2 and no per-element position arithmetic is left.
-template <typename Traits, bool kScoreMod>
+// kTilesSlowest: the grid order (launch_bwd_main).
+template <typename Traits, bool kScoreMod, bool kTilesSlowest>
 __global__ void __launch_bounds__(kBwdThreads, 1)
 flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   using T = typename Traits::T;
@@ -142,7 +143,12 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   // Per warp column, per query row: (sum P dP |d|, sum P |d|, sum P dP).
   float4* s_alibi = reinterpret_cast<float4*>(s_kv_seg + kBlockN);
 
-  const int n_block = blockIdx.x, b = blockIdx.y, h_kv = blockIdx.z;
+  // Grid (key tiles, B, Hkv), or with kTilesSlowest (B, Hkv, key tiles):
+  // see launch_bwd_main. Read straight from blockIdx, so that the indices
+  // cost no registers.
+  const int n_block = kTilesSlowest ? blockIdx.z : blockIdx.x;
+  const int b = kTilesSlowest ? blockIdx.x : blockIdx.y;
+  const int h_kv = kTilesSlowest ? blockIdx.y : blockIdx.z;
   const int group = p.num_heads / p.num_heads_kv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad_row = lane / 4, quad_col = 2 * (lane % 4);
