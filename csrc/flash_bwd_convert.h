@@ -16,24 +16,40 @@
 
 namespace jax_flash {
 
-// One CTA per (block of kRows query rows, b, h).
+// One CTA of 256 threads per (block of kRows query rows, b, h): the rows'
+// dq_accum is one contiguous block, read 16 bytes per thread with every load
+// of a thread issued before its first store.
 template <typename T, int kHeadDim, int kRows>
 __global__ void __launch_bounds__(256)
 bwd_convert_dq_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
-  constexpr int kChunks = kHeadDim / 4;  // float4 chunks per row
+  constexpr int kThreads = 256;
+  constexpr int kVecsPerRow = kHeadDim / 4;  // float4 per row
+  static_assert((kRows * kVecsPerRow) % kThreads == 0, "whole passes");
+  constexpr int kPasses = kRows * kVecsPerRow / kThreads;
   const int b = blockIdx.y, h = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
-  for (int c = threadIdx.x; c < kRows * kChunks; c += blockDim.x) {
-    const int i = blockIdx.x * kRows + c / kChunks;
-    const int col = (c % kChunks) * 4;
-    if (i >= p.seqlen_q) break;
-    const float4 v = *reinterpret_cast<const float4*>(
-        s.dq_accum + (bh * p.seqlen_q + i) * kHeadDim + col);
-    T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride +
-            i * p.dq_row_stride + h * p.dq_head_stride + col;
-    const float scale = p.softmax_scale;
-    *reinterpret_cast<uint2*>(dq) = make_uint2(
-        pack2<T>(v.x * scale, v.y * scale), pack2<T>(v.z * scale, v.w * scale));
+  const int m0 = blockIdx.x * kRows;
+  const int rows = min(kRows, p.seqlen_q - m0);
+  const float4* acc = reinterpret_cast<const float4*>(
+      s.dq_accum + (bh * p.seqlen_q + m0) * kHeadDim);
+  float4 v[kPasses];
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    const int c = threadIdx.x + k * kThreads;
+    v[k] = c < rows * kVecsPerRow ? acc[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_batch_stride +
+          h * p.dq_head_stride;
+  const float scale = p.softmax_scale;
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    const int c = threadIdx.x + k * kThreads;
+    if (c < rows * kVecsPerRow) {
+      const int r = c / kVecsPerRow, col = (c % kVecsPerRow) * 4;
+      *reinterpret_cast<uint2*>(dq + (m0 + r) * p.dq_row_stride + col) =
+          make_uint2(pack2<T>(v[k].x * scale, v[k].y * scale),
+                     pack2<T>(v[k].z * scale, v[k].w * scale));
+    }
   }
   if (p.dalibi != nullptr && blockIdx.x == 0 && threadIdx.x < 32) {
     // One warp, fixed lane strides and shuffle tree: the same order on

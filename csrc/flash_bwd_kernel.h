@@ -5,25 +5,31 @@
 //   dP = dO V^T
 //   dS = P * (dP - delta), through the softcap derivative
 //   dV += P^T dO,  dK += dS^T Q   (registers, summed over the group's heads)
-//   dQ += dS K                    (float32 atomics into the workspace)
+//   dQ += dS K                    (added to a float32 workspace)
 // GQA: looping the group's heads inside the CTA keeps dK and dV in registers
 // (no workspace, no second reduction kernel, deterministic by construction),
 // at the price of B * Hkv * Sk / kBlockN CTAs instead of B * H * Sk / kBlockN.
 // With alibi, each query row also collects the sums dalibi is made of
 // (flash_bwd_convert.h), added next to dQ and in the same order.
-// Deterministic mode orders the dQ additions: the CTA of key tile n adds to
-// query tile m only after the CTAs of key tiles 0..n-1 have (a semaphore per
-// (b, h, m) counts them), so every float sum runs in the same order.
+// dQ is added with float32 atomics per element or, on sm90 where the tile
+// fits in shared memory (and not in deterministic mode), staged in shared
+// memory and added by the bulk-copy engine, one row per thread, while the
+// next step runs. Deterministic mode orders the dQ additions: the CTA of key
+// tile n adds to query tile m only after the CTAs of key tiles 0..n-1 have
+// (a semaphore per (b, h, m) counts them), so every float sum runs in the
+// same order.
 #pragma once
 
 #include <cmath>
 #include <type_traits>
 
+#include "bulk_copy.h"
 #include "flash.h"
 #include "flash_bwd_preprocess.h"
 #include "flash_bwd_tile_size.h"
 #include "flash_bwd_warp_mma.h"
 #include "mask.h"
+#include "tile_copy.h"
 #include "tile_size.h"
 #include "utils.h"
 
@@ -55,6 +61,13 @@ struct BwdKernelTraits {
       (2 * kTileK + 2 * kQStages * kTileQ + 2 * kTileP) * sizeof(T) +
       (2 * kQStages * kBlockM + kBlockN + 16 * kBlockM) * 4;
   static_assert(kSmemBytes <= 227 * 1024, "over the sm90 limit per CTA");
+  // sm90: dQ of a step staged in shared memory, kBlockM rows of D floats
+  // (padded by 8 floats so that the fragment writes hit distinct banks),
+  // where it fits beside two Q/dO stages.
+  static constexpr int kDqPitch = kHeadDim + 8;
+  static constexpr int kSmemBytesStagedDq = kSmemBytes + kBlockM * kDqPitch * 4;
+  static constexpr bool kCanStageDq =
+      kQStages == 2 && kSmemBytesStagedDq <= 227 * 1024;
 
   // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
   static constexpr int kSM16 = kBlockM / 2 / 16;
@@ -66,25 +79,6 @@ struct BwdKernelTraits {
   static constexpr int kQM16 = kBlockM / 4 / 16;
   static constexpr int kQN8 = kHeadDim / 2 / 8;
 };
-
-// Copies rows [0, kRows) of a (S, heads, D)-strided tile into a padded
-// shared-memory tile of row pitch kPitch; rows at or past `valid_rows` become
-// zeros.
-template <int kRows, int kHeadDim, int kPitch, typename T>
-__device__ __forceinline__ void load_rows(T* dst, const T* src,
-                                          int64_t row_stride, int valid_rows,
-                                          const void* any_valid_address) {
-  constexpr int kChunks = kHeadDim / 8;
-#pragma unroll
-  for (int c = threadIdx.x; c < kRows * kChunks; c += kBwdThreads) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool ok = r < valid_rows;
-    cp_async_16(smem_addr(dst + r * kPitch + col),
-                ok ? static_cast<const void*>(src + r * row_stride + col)
-                   : any_valid_address,
-                ok);
-  }
-}
 
 // Deterministic mode: wait until `*sem == expected`; all threads return
 // after thread 0 saw it.
@@ -116,6 +110,9 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src,
                :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
 }
 
+// How much of a tile's masking the per-element loop has to apply.
+constexpr int kNoMask = 0, kRangeMask = 1, kSegmentMask = 2;
+
 // kScoreMod: softcap or alibi is on (the launch picks); without it the
 // scale folds into exp2 and no per-element position arithmetic is left.
 // kTilesSlowest: the grid order (launch_bwd_main).
@@ -142,6 +139,19 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   int* s_kv_seg = reinterpret_cast<int*>(s_delta + kQStages * kBlockM);
   // Per warp column, per query row: (sum P dP |d|, sum P |d|, sum P dP).
   float4* s_alibi = reinterpret_cast<float4*>(s_kv_seg + kBlockN);
+  // Staged dQ (kBlockM x kDqPitch floats), when s.dq_staged.
+  float* s_dq = reinterpret_cast<float*>(s_alibi + 4 * kBlockM);
+  const bool staged_dq = kHasBulkCopy && Traits::kCanStageDq && s.dq_staged;
+  // Staged dQ: the workspace row this thread adds the staged row
+  // threadIdx.x (< kBlockM) of the previous step to; nullptr for none.
+  float* dq_pending = nullptr;
+  auto add_pending_dq = [&] {
+    if (dq_pending != nullptr) {
+      bulk_add_f32(dq_pending, smem_addr(s_dq + threadIdx.x * Traits::kDqPitch),
+                   kHeadDim * 4);
+      bulk_commit();
+    }
+  };
 
   // Grid (key tiles, B, Hkv), or with kTilesSlowest (B, Hkv, key tiles):
   // see launch_bwd_main. Read straight from blockIdx, so that the indices
@@ -175,22 +185,34 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
                n0 * p.k_row_stride + h_kv * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride +
                n0 * p.v_row_stride + h_kv * p.v_head_stride;
-  load_rows<kBlockN, kHeadDim, kPitch>(sK, k, p.k_row_stride,
-                                       p.seqlen_k - n0, p.k);
-  load_rows<kBlockN, kHeadDim, kPitch>(sV, v, p.v_row_stride,
-                                       p.seqlen_k - n0, p.v);
-  // Q, dO, lse and delta of step `step` into buffer `stage`.
-  auto load_step = [&](int step, int stage) {
-    const int h = h_kv * group + step / steps_per_head;
-    const int m0 = (m_begin + step % steps_per_head) * kBlockM;
-    load_rows<kBlockM, kHeadDim, kPitch>(
-        sQ + stage * Traits::kTileQ,
-        q + m0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride,
-        p.seqlen_q - m0, p.q);
-    load_rows<kBlockM, kHeadDim, kPitch>(
-        sdO + stage * Traits::kTileQ,
-        dout + m0 * p.dout_row_stride + h * p.dout_head_stride,
-        p.dout_row_stride, p.seqlen_q - m0, p.dout);
+  // Rows [0, valid) of a tile into shared memory, zeros past them.
+  auto load_rows = [&](auto rows, T* dst, const T* src, int64_t row_stride,
+                       int valid) {
+    copy_rows_async<T, decltype(rows)::value, kHeadDim, kPitch, kBwdThreads>(
+        smem_addr(dst), src, row_stride, valid, threadIdx.x);
+  };
+  using TileN = std::integral_constant<int, kBlockN>;
+  using TileM = std::integral_constant<int, kBlockM>;
+  load_rows(TileN{}, sK, k, p.k_row_stride, p.seqlen_k - n0);
+  load_rows(TileN{}, sV, v, p.v_row_stride, p.seqlen_k - n0);
+  // Steps walk the group's query heads in turn, each over query tiles
+  // [m_begin, m_end): (h, m0) of the next step, without a division.
+  const int m0_first = m_begin * kBlockM, m0_end = m_end * kBlockM;
+  auto advance = [&](int& h, int& m0) {
+    m0 += kBlockM;
+    if (m0 >= m0_end) {
+      m0 = m0_first;
+      ++h;
+    }
+  };
+  // Q, dO, lse and delta of query head h, tile m0, into buffer `stage`.
+  auto load_step = [&](int h, int m0, int stage) {
+    load_rows(TileM{}, sQ + stage * Traits::kTileQ,
+              q + m0 * p.q_row_stride + h * p.q_head_stride, p.q_row_stride,
+              p.seqlen_q - m0);
+    load_rows(TileM{}, sdO + stage * Traits::kTileQ,
+              dout + m0 * p.dout_row_stride + h * p.dout_head_stride,
+              p.dout_row_stride, p.seqlen_q - m0);
     const int t = threadIdx.x;
     if (t < 2 * kBlockM) {
       const int r = t % kBlockM, i = m0 + r;
@@ -205,7 +227,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
       }
     }
   };
-  if (num_steps > 0) load_step(0, 0);
+  int h = h_kv * group, m0 = m0_first;  // this step's
+  if (num_steps > 0) load_step(h, m0, 0);
   cp_async_commit();
   if (threadIdx.x < kBlockN) {
     const int j = n0 + threadIdx.x;
@@ -246,38 +269,72 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
 
   for (int step = 0; step < num_steps; ++step) {
     const int stage = kQStages == 2 ? step % 2 : 0;
-    const int h = h_kv * group + step / steps_per_head;
-    const int m0 = (m_begin + step % steps_per_head) * kBlockM;
     const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
     cp_async_wait<0>();
     __syncthreads();
+    if (staged_dq) add_pending_dq();  // the previous step's, now complete
     if constexpr (kQStages == 2) {
-      if (step + 1 < num_steps) load_step(step + 1, stage ^ 1);
+      if (step + 1 < num_steps) {
+        int next_h = h, next_m0 = m0;
+        advance(next_h, next_m0);
+        load_step(next_h, next_m0, stage ^ 1);
+      }
       cp_async_commit();
     }
     const bool tile_masked =
         mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN);
+    // fn(kind) with the mask kind this tile needs, a compile-time constant.
+    auto with_mask = [&](auto fn) {
+      if (!tile_masked) {
+        fn(std::integral_constant<int, kNoMask>{});
+      } else if (mask.has_segments()) {
+        fn(std::integral_constant<int, kSegmentMask>{});
+      } else {
+        fn(std::integral_constant<int, kRangeMask>{});
+      }
+    };
     const T* sQ_cur = sQ + stage * Traits::kTileQ;
     const T* sdO_cur = sdO + stage * Traits::kTileQ;
 
     float acc_s[kSM16][kSN8][4];
     float acc_dp[kSM16][kSN8][4];
     zero(acc_s);
-    zero(acc_dp);
     // S = Q K^T
     warp_mma<kSM16, kSN8, kHeadDim, false, false>(
         acc_s, sQ_cur + s_row0 * kPitch, kPitch, sK + s_col0 * kPitch, kPitch);
     // dP = dO V^T
-    warp_mma<kSM16, kSN8, kHeadDim, false, false>(
-        acc_dp, sdO_cur + s_row0 * kPitch, kPitch, sV + s_col0 * kPitch,
-        kPitch);
+    auto dp_product = [&] {
+      zero(acc_dp);
+      warp_mma<kSM16, kSN8, kHeadDim, false, false>(
+          acc_dp, sdO_cur + s_row0 * kPitch, kPitch, sV + s_col0 * kPitch,
+          kPitch);
+    };
+    // A (kSM16*16 x kSN8*8) float tile of this warp to shared memory as T.
+    auto store_tile = [&](const float (&acc)[kSM16][kSN8][4], T* dst) {
+#pragma unroll
+      for (int mi = 0; mi < kSM16; ++mi) {
+#pragma unroll
+        for (int nj = 0; nj < kSN8; ++nj) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int at = (s_row0 + mi * 16 + quad_row + 8 * e) * kPitchP +
+                           s_col0 + nj * 8 + quad_col;
+            *reinterpret_cast<uint32_t*>(dst + at) =
+                pack2<T>(acc[mi][nj][2 * e], acc[mi][nj][2 * e + 1]);
+          }
+        }
+      }
+    };
 
-    // P = exp(logit - lse) and dS = P * (dP - delta) * d(softcap), in place
-    // of S and dP. kMasked: some element of the tile is invisible.
+    // P = exp(logit - lse) in place of S; with kWithGrads (dP computed
+    // already) also dS = P * (dP - delta) * d(softcap) in place of dP.
+    // kMask: kNoMask (every element visible), kRangeMask (each row sees a
+    // range of keys) or kSegmentMask (and only keys of its segment).
     const Alibi alibi = Alibi::make(p, b, h, mask);
     float alibi_rows[kSM16][2][3] = {};
-    auto probs_and_grads = [&](auto masked) {
-      constexpr bool kMasked = decltype(masked)::value;
+    auto probs = [&](auto masked, auto with_grads) {
+      constexpr int kMask = decltype(masked)::value;
+      constexpr bool kWithGrads = decltype(with_grads)::value;
 #pragma unroll
       for (int mi = 0; mi < kSM16; ++mi) {
 #pragma unroll
@@ -288,20 +345,20 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
           const float lse = s_lse[stage * kBlockM + r];
           const float lse2 = i < p.seqlen_q && lse != -INFINITY
               ? lse * kLog2e : INFINITY;
-          const float delta = s_delta[stage * kBlockM + r];
+          [[maybe_unused]] const float delta = s_delta[stage * kBlockM + r];
           int key_lo = 0, key_hi = 0, q_seg = 0;
-          if constexpr (kMasked) {
+          if constexpr (kMask != kNoMask) {
             key_lo = mask.row_key_begin(i);
             key_hi = mask.row_key_end(i);
-            q_seg = mask.has_segments() && i < p.seqlen_q
-                ? mask.q_segment_ids[i] : 0;
+          }
+          if constexpr (kMask == kSegmentMask) {
+            q_seg = i < p.seqlen_q ? mask.q_segment_ids[i] : 0;
           }
 #pragma unroll
           for (int nj = 0; nj < kSN8; ++nj) {
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               float& sv = acc_s[mi][nj][2 * e + c];
-              float& dpv = acc_dp[mi][nj][2 * e + c];
               const int jt = s_col0 + nj * 8 + quad_col + c, j = n0 + jt;
               float prob;
               [[maybe_unused]] float capped = 0.f;
@@ -314,68 +371,98 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
               } else {
                 prob = exp2_approx(sv * p.softmax_scale_log2 - lse2);
               }
-              if constexpr (kMasked) {
-                const bool visible = j >= key_lo && j < key_hi &&
-                                     q_seg == s_kv_seg[jt];
+              if constexpr (kMask != kNoMask) {
+                bool visible = j >= key_lo && j < key_hi;
+                if constexpr (kMask == kSegmentMask) {
+                  visible = visible && q_seg == s_kv_seg[jt];
+                }
                 prob = visible ? prob : 0.f;
               }
-              float ds = prob * (dpv - delta);
-              if constexpr (kScoreMod) {
-                if (want_dalibi) {
-                  // d logit / d slope = -|d|; summed per row with the
-                  // row's own delta by the dalibi reduction.
-                  const float dist = -alibi.grad_slope(i, j);
-                  const float pdp = prob * dpv;
-                  alibi_rows[mi][e][0] += pdp * dist;
-                  alibi_rows[mi][e][1] += prob * dist;
-                  alibi_rows[mi][e][2] += pdp;
-                }
-                if (softcap.enabled()) ds *= softcap.grad_from_output(capped);
-              }
               sv = prob;
-              dpv = ds;
+              if constexpr (kWithGrads) {
+                float& dpv = acc_dp[mi][nj][2 * e + c];
+                float ds = prob * (dpv - delta);
+                if constexpr (kScoreMod) {
+                  if (want_dalibi) {
+                    // d logit / d slope = -|d|; summed per row with the
+                    // row's own delta by the dalibi reduction.
+                    const float dist = -alibi.grad_slope(i, j);
+                    const float pdp = prob * dpv;
+                    alibi_rows[mi][e][0] += pdp * dist;
+                    alibi_rows[mi][e][1] += prob * dist;
+                    alibi_rows[mi][e][2] += pdp;
+                  }
+                  if (softcap.enabled()) {
+                    ds *= softcap.grad_from_output(capped);
+                  }
+                }
+                dpv = ds;
+              }
             }
           }
         }
       }
     };
-    if (tile_masked) {
-      probs_and_grads(std::true_type{});
-    } else {
-      probs_and_grads(std::false_type{});
-    }
-    if (want_dalibi) {
-      // Row sums of this warp's columns, to shared memory per warp column.
+    // dS = P * (dP - delta) in place of dP, P in acc_s (0 where masked).
+    auto grads_from_probs = [&] {
 #pragma unroll
       for (int mi = 0; mi < kSM16; ++mi) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float sums[3];
+          const int r = s_row0 + mi * 16 + quad_row + 8 * e;
+          const float delta = s_delta[stage * kBlockM + r];
 #pragma unroll
-          for (int x = 0; x < 3; ++x) sums[x] = quad_sum(alibi_rows[mi][e][x]);
-          if (lane % 4 == 0) {
-            s_alibi[(warp % 4) * kBlockM + s_row0 + mi * 16 + quad_row +
-                    8 * e] = make_float4(sums[0], sums[1], sums[2], 0.f);
+          for (int nj = 0; nj < kSN8; ++nj) {
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              float& dpv = acc_dp[mi][nj][2 * e + c];
+              dpv = acc_s[mi][nj][2 * e + c] * (dpv - delta);
+            }
           }
         }
       }
-    }
-    // P and dS to shared memory, for the transposed products below.
+    };
+
+    if constexpr (kScoreMod) {
+      // Softcap's derivative needs each capped logit, alibi's gradient P and
+      // dP side by side: both products first, then one pass.
+      dp_product();
+      with_mask([&](auto masked) { probs(masked, std::true_type{}); });
+      if (want_dalibi) {
+        // Row sums of this warp's columns, to shared memory per warp column.
 #pragma unroll
-    for (int mi = 0; mi < kSM16; ++mi) {
+        for (int mi = 0; mi < kSM16; ++mi) {
 #pragma unroll
-      for (int nj = 0; nj < kSN8; ++nj) {
+          for (int e = 0; e < 2; ++e) {
+            float sums[3];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int at = (s_row0 + mi * 16 + quad_row + 8 * e) * kPitchP +
-                         s_col0 + nj * 8 + quad_col;
-          *reinterpret_cast<uint32_t*>(sP + at) =
-              pack2<T>(acc_s[mi][nj][2 * e], acc_s[mi][nj][2 * e + 1]);
-          *reinterpret_cast<uint32_t*>(sdS + at) =
-              pack2<T>(acc_dp[mi][nj][2 * e], acc_dp[mi][nj][2 * e + 1]);
+            for (int x = 0; x < 3; ++x) {
+              sums[x] = quad_sum(alibi_rows[mi][e][x]);
+            }
+            if (lane % 4 == 0) {
+              s_alibi[(warp % 4) * kBlockM + s_row0 + mi * 16 + quad_row +
+                      8 * e] = make_float4(sums[0], sums[1], sums[2], 0.f);
+            }
+          }
         }
       }
+      store_tile(acc_s, sP);
+      store_tile(acc_dp, sdS);
+    } else {
+      // P first, then dP = dO V^T: the exponentials (special-function unit)
+      // can issue while the tensor cores run the second product; each mask
+      // case gets its own copy so that the compiler may interleave them.
+      auto plain = [&](auto masked) {
+        probs(masked, std::false_type{});
+        store_tile(acc_s, sP);
+        dp_product();
+        grads_from_probs();
+        store_tile(acc_dp, sdS);
+      };
+      with_mask(plain);
     }
+    // The staged dQ rows are read before any warp writes them again.
+    if (staged_dq) bulk_wait_sources_read();
     __syncthreads();
 
     // dV += P^T dO
@@ -391,32 +478,57 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
         acc_dq, sdS + dq_row0 * kPitchP, kPitchP, sK + dq_col0, kPitch);
     if constexpr (kQStages == 1) {
       __syncthreads();  // every warp is done with this Q, dO, lse, delta
-      if (step + 1 < num_steps) load_step(step + 1, 0);
+      if (step + 1 < num_steps) {
+        int next_h = h, next_m0 = m0;
+        advance(next_h, next_m0);
+        load_step(next_h, next_m0, 0);
+      }
       cp_async_commit();
     }
     int* sem = p.deterministic
         ? s.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
     if (p.deterministic) semaphore_wait(sem, n_block);
-    // Every address of this thread is `dq_row` plus a constant.
-    const int dq_i0 = m0 + dq_row0 + quad_row;
-    float* dq_row = s.dq_accum +
-                    (bh * p.seqlen_q + dq_i0) * kHeadDim + dq_col0 + quad_col;
+    if (staged_dq) {
+      // To shared memory; added at the next step's first barrier.
 #pragma unroll
-    for (int mi = 0; mi < Traits::kQM16; ++mi) {
+      for (int mi = 0; mi < Traits::kQM16; ++mi) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        if (dq_i0 + mi * 16 + 8 * e >= p.seqlen_q) continue;
+        for (int e = 0; e < 2; ++e) {
 #pragma unroll
-        for (int nj = 0; nj < Traits::kQN8; ++nj) {
-          float* dst = dq_row + (mi * 16 + 8 * e) * kHeadDim + nj * 8;
+          for (int nj = 0; nj < Traits::kQN8; ++nj) {
+            const int r = dq_row0 + mi * 16 + quad_row + 8 * e;
+            *reinterpret_cast<float2*>(
+                s_dq + r * Traits::kDqPitch + dq_col0 + nj * 8 + quad_col) =
+                make_float2(acc_dq[mi][nj][2 * e], acc_dq[mi][nj][2 * e + 1]);
+          }
+        }
+      }
+      fence_shared_for_bulk_copy();
+      const int i = m0 + static_cast<int>(threadIdx.x);
+      dq_pending = threadIdx.x < kBlockM && i < p.seqlen_q
+          ? s.dq_accum + (bh * p.seqlen_q + i) * kHeadDim : nullptr;
+    } else {
+      // Every address of this thread is `dq_row` plus a constant.
+      const int dq_i0 = m0 + dq_row0 + quad_row;
+      float* dq_row = s.dq_accum + (bh * p.seqlen_q + dq_i0) * kHeadDim +
+                      dq_col0 + quad_col;
+#pragma unroll
+      for (int mi = 0; mi < Traits::kQM16; ++mi) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (dq_i0 + mi * 16 + 8 * e >= p.seqlen_q) continue;
+#pragma unroll
+          for (int nj = 0; nj < Traits::kQN8; ++nj) {
+            float* dst = dq_row + (mi * 16 + 8 * e) * kHeadDim + nj * 8;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-          atomicAdd(reinterpret_cast<float2*>(dst),
-                    make_float2(acc_dq[mi][nj][2 * e],
-                                acc_dq[mi][nj][2 * e + 1]));
+            atomicAdd(reinterpret_cast<float2*>(dst),
+                      make_float2(acc_dq[mi][nj][2 * e],
+                                  acc_dq[mi][nj][2 * e + 1]));
 #else
-          atomicAdd(dst, acc_dq[mi][nj][2 * e]);
-          atomicAdd(dst + 1, acc_dq[mi][nj][2 * e + 1]);
+            atomicAdd(dst, acc_dq[mi][nj][2 * e]);
+            atomicAdd(dst + 1, acc_dq[mi][nj][2 * e + 1]);
 #endif
+          }
         }
       }
     }
@@ -437,8 +549,14 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
       atomicAdd(dst + 2, sum.z);
     }
     if (p.deterministic) semaphore_signal(sem, n_block + 1);
+    advance(h, m0);
   }
   if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
+  if (staged_dq) {
+    __syncthreads();
+    add_pending_dq();  // the last step's
+    bulk_wait_all();
+  }
 
   // dK = softmax_scale * dS^T Q (the scale of the logits), dV as summed.
   T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride +

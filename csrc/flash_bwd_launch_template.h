@@ -36,10 +36,12 @@ void launch_bwd_main(const BwdParams& p, const BwdScratch& scratch,
   const dim3 grid = tiles_slowest
       ? dim3(p.batch, p.num_heads_kv, num_n_blocks)
       : dim3(num_n_blocks, p.batch, p.num_heads_kv);
+  const int smem_bytes = scratch.dq_staged ? Traits::kSmemBytesStagedDq
+                                           : Traits::kSmemBytes;
   // Opt in above 48 KB of dynamic shared memory (no stream work).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       Traits::kSmemBytes);
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scratch);
+                       smem_bytes);
+  kernel<<<grid, Traits::kThreads, smem_bytes, stream>>>(p, scratch);
 }
 
 // Computes dq, dk, dv (and dalibi) with the kernels of Traits;
@@ -52,7 +54,12 @@ int run_bwd_with(const BwdParams& p, cudaStream_t stream) {
   if (Traits::kSmemBytes > p.max_smem_per_block) return Traits::kSmemBytes;
   using T = typename Traits::T;
   constexpr int kHeadDim = Traits::kHeadDim;
-  const BwdScratch scratch = BwdScratch::make(p);
+  BwdScratch scratch = BwdScratch::make(p);
+  // sm90 adds dQ with the bulk-copy engine where its staging tile fits
+  // (not in deterministic mode, whose order the semaphores fix per atomic).
+  scratch.dq_staged = Traits::kCanStageDq && p.arch >= 90 &&
+                      !p.deterministic &&
+                      Traits::kSmemBytesStagedDq <= p.max_smem_per_block;
   const int num_m_blocks = ceil_div(p.seqlen_q, Traits::kBlockM);
   const int num_n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   const dim3 row_grid(num_m_blocks, p.batch, p.num_heads);

@@ -15,6 +15,9 @@ struct BwdScratch {
   float* delta;          // (B, H, Sq)
   int* dq_semaphore;     // (B, H, num_m_blocks); nullptr unless deterministic
   float4* dalibi_rows;   // (B, H, Sq)
+  // The main kernel stages dQ in shared memory for the bulk-copy engine
+  // (flash_bwd_kernel.h); set by the launch, which sized shared memory so.
+  bool dq_staged = false;
 
   static BwdScratch make(const BwdParams& p) {
     const BwdWorkspaceLayout w = BwdWorkspaceLayout::make(
@@ -24,54 +27,78 @@ struct BwdScratch {
             reinterpret_cast<float*>(base + w.delta),
             p.deterministic ? reinterpret_cast<int*>(base + w.dq_semaphore)
                             : nullptr,
-            reinterpret_cast<float4*>(base + w.dalibi_rows)};
+            reinterpret_cast<float4*>(base + w.dalibi_rows), false};
   }
 };
 
-// One CTA per (block of kRows query rows, b, h); one warp per row at a time.
+// One CTA of 256 threads per (block of kRows query rows, b, h).
 // kRows equals the main kernel's kBlockM so that CTA x also owns semaphore x.
+// A group of kLanes lanes (a power of two) reads a row of O and dO, 16 bytes
+// per lane, every group its own row; all the CTA's loads are issued before
+// the first sum, and the rows' dq_accum (contiguous) is zeroed with 16-byte
+// stores by all threads.
 template <typename T, int kHeadDim, int kRows>
 __global__ void __launch_bounds__(256)
 bwd_preprocess_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
+  constexpr int kThreads = 256;
   constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-  static_assert(kChunks <= 32, "one warp covers a row in one pass");
+  constexpr int kLanes = kChunks <= 4 ? 4 : kChunks <= 8 ? 8
+                         : kChunks <= 16 ? 16 : 32;
+  static_assert(kChunks <= 32, "a row in one pass of at most a warp");
+  constexpr int kRowsPerPass = kThreads / kLanes;
+  static_assert(kRows % kRowsPerPass == 0, "whole passes");
+  constexpr int kPasses = kRows / kRowsPerPass;
   const int b = blockIdx.y, h = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
   if (s.dq_semaphore != nullptr && threadIdx.x == 0) {
     s.dq_semaphore[bh * gridDim.x + blockIdx.x] = 0;
   }
-  for (int r = warp; r < kRows; r += blockDim.x / 32) {
-    const int i = blockIdx.x * kRows + r;
-    if (i >= p.seqlen_q) break;
-    float sum = 0.f;
-    if (lane < kChunks) {
-      const T* o = static_cast<const T*>(p.out) + b * p.out_batch_stride +
-                   i * p.out_row_stride + h * p.out_head_stride + lane * 8;
-      const T* d = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
-                   i * p.dout_row_stride + h * p.dout_head_stride + lane * 8;
-      const uint4 ov = *reinterpret_cast<const uint4*>(o);
-      const uint4 dv = *reinterpret_cast<const uint4*>(d);
-      const T* oe = reinterpret_cast<const T*>(&ov);
-      const T* de = reinterpret_cast<const T*>(&dv);
+  const int m0 = blockIdx.x * kRows;
+  const int lane = threadIdx.x % kLanes;
+  const int row0 = threadIdx.x / kLanes;
+  const T* out = static_cast<const T*>(p.out) + b * p.out_batch_stride +
+                 h * p.out_head_stride + lane * 8;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride +
+                  h * p.dout_head_stride + lane * 8;
+  uint4 ov[kPasses], dv[kPasses];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        sum += static_cast<float>(oe[e]) * static_cast<float>(de[e]);
-      }
+  for (int k = 0; k < kPasses; ++k) {
+    const int i = m0 + row0 + k * kRowsPerPass;
+    const bool in = i < p.seqlen_q && lane < kChunks;
+    ov[k] = in ? *reinterpret_cast<const uint4*>(out + i * p.out_row_stride)
+               : make_uint4(0, 0, 0, 0);
+    dv[k] = in ? *reinterpret_cast<const uint4*>(dout + i * p.dout_row_stride)
+               : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    const T* oe = reinterpret_cast<const T*>(&ov[k]);
+    const T* de = reinterpret_cast<const T*>(&dv[k]);
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      sum += static_cast<float>(oe[e]) * static_cast<float>(de[e]);
     }
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
+    for (int off = kLanes / 2; off > 0; off /= 2) {
       sum += __shfl_xor_sync(0xffffffffu, sum, off);
     }
-    const int64_t row = bh * p.seqlen_q + i;
-    if (lane == 0) {
+    const int i = m0 + row0 + k * kRowsPerPass;
+    if (lane == 0 && i < p.seqlen_q) {
+      const int64_t row = bh * p.seqlen_q + i;
       s.delta[row] = p.dlse != nullptr ? sum - p.dlse[row] : sum;
       s.dalibi_rows[row] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    float4* acc = reinterpret_cast<float4*>(s.dq_accum + row * kHeadDim);
-    for (int c = lane; c < kHeadDim / 4; c += 32) {
-      acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+  }
+  // Rows [m0, min(m0 + kRows, Sq)) of dq_accum: one contiguous block.
+  const int rows = min(kRows, p.seqlen_q - m0);
+  float4* acc = reinterpret_cast<float4*>(s.dq_accum +
+                                          (bh * p.seqlen_q + m0) * kHeadDim);
+  constexpr int kVecsPerRow = kHeadDim / 4;
+#pragma unroll
+  for (int k = 0; k < kRows * kVecsPerRow / kThreads; ++k) {
+    const int c = threadIdx.x + k * kThreads;
+    if (c < rows * kVecsPerRow) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
 }
 

@@ -17,6 +17,7 @@
 #include "flash.h"
 #include "mask.h"
 #include "softmax.h"
+#include "tile_copy.h"
 #include "tile_size.h"
 #include "utils.h"
 
@@ -52,34 +53,15 @@ struct FwdKernelTraits {
                 "tile loads split evenly over the threads");
 };
 
-// Copies a (kTileRows x D) tile from global memory (row pitch `stride`
-// elements) into shared memory; rows >= valid_rows are zero-filled. Each
-// thread copies whole 16-byte chunks at fixed columns of every kRowStep-th
-// row, so the trip counts are compile-time constants and the addresses are
-// one multiply per row.
+// Copies a (kTileRows x D) tile into shared memory (tile_copy.h).
 // kFull: the caller knows valid_rows >= kTileRows (no predicates).
 template <typename Traits, int kTileRows, bool kFull = false>
 __device__ __forceinline__ void load_tile(uint32_t smem, const typename
                                           Traits::T* gmem, int64_t stride,
                                           int valid_rows, int tid) {
-  using T = typename Traits::T;
-  constexpr int kThreadsPerRow = gcd(Traits::kChunksPerRow, Traits::kNThreads);
-  constexpr int kRowStep = Traits::kNThreads / kThreadsPerRow;
-  static_assert(kTileRows % kRowStep == 0, "tile rows split evenly");
-  const int row0 = tid / kThreadsPerRow;
-  const int chunk0 = tid % kThreadsPerRow;
-#pragma unroll
-  for (int r = 0; r < kTileRows / kRowStep; ++r) {
-    const int row = row0 + r * kRowStep;
-    const bool ok = kFull || row < valid_rows;
-    const T* src = gmem + (ok ? row : 0) * stride;
-#pragma unroll
-    for (int c = 0; c < Traits::kChunksPerRow / kThreadsPerRow; ++c) {
-      const int col = (chunk0 + c * kThreadsPerRow) * 8;
-      cp_async_16(smem + (row * Traits::kPitch + col) * sizeof(T), src + col,
-                  ok);
-    }
-  }
+  copy_rows_async<typename Traits::T, kTileRows, Traits::kHeadDim,
+                  Traits::kPitch, Traits::kNThreads, kFull>(
+      smem, gmem, stride, valid_rows, tid);
 }
 
 // Output row m0 of (batch b, head h), and its lse entry.

@@ -98,6 +98,22 @@ def test_variants_for_less_shared_memory(monkeypatch, d, options, parts):
                           masks)
 
 
+# Shared memory per block with room for the backward's two Q/dO stages but
+# not for its staged dQ tile (csrc/flash_bwd_kernel.h).
+@pytest.mark.parametrize("d, limit_kb", [(64, 120), (128, 180)])
+def test_backward_with_dq_atomics_where_staging_does_not_fit(
+    monkeypatch, d, limit_kb):
+  """There the backward adds dQ with per-element atomics (sm90 otherwise
+  stages it in shared memory for the bulk-copy engine): both paths are
+  checked."""
+  monkeypatch.setenv("JAX_FLASH_MAX_SMEM_PER_BLOCK", str(limit_kb * 1024))
+  rng = np.random.default_rng(16)
+  q, k, v = _inputs(16, 2, 301, 190, 4, 2, d)
+  masks = make_masks(rng, 2, 301, 190, 4, segments=True, lengths=True)
+  check_against_reference(cuda.attention, q, k, v,
+                          _config(d, causal=True), masks)
+
+
 def test_too_little_shared_memory_is_a_clear_error(monkeypatch):
   monkeypatch.setenv("JAX_FLASH_MAX_SMEM_PER_BLOCK", "1000")
   q, k, v = _inputs(15, 1, 64, 64, 2, 2, 64)
