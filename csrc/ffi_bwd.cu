@@ -122,39 +122,14 @@ ffi::Error JaxFlashBwdImpl(
   p.is_bf16 = dtype == ffi::DataType::BF16;
   p.deterministic = deterministic;
 
+  e = read_mask_operands(kTarget, B, H, Sq, Sk, alibi_slopes, q_segment_ids,
+                         kv_segment_ids, q_lengths, kv_lengths, &p);
   const void* data = nullptr;
-  e = optional_operand(kTarget, "alibi_slopes", alibi_slopes, {B, H},
-                       &data);
-  p.alibi_slopes = static_cast<const float*>(data);
-  if (e.success()) {
-    e = optional_operand(kTarget, "q_segment_ids", q_segment_ids,
-                         {B, Sq}, &data);
-    p.q_segment_ids = static_cast<const int32_t*>(data);
-  }
-  if (e.success()) {
-    e = optional_operand(kTarget, "kv_segment_ids", kv_segment_ids,
-                         {B, Sk}, &data);
-    p.kv_segment_ids = static_cast<const int32_t*>(data);
-  }
-  if (e.success()) {
-    e = optional_operand(kTarget, "q_lengths", q_lengths,
-                         {B}, &data);
-    p.q_lengths = static_cast<const int32_t*>(data);
-  }
-  if (e.success()) {
-    e = optional_operand(kTarget, "kv_lengths", kv_lengths,
-                         {B}, &data);
-    p.kv_lengths = static_cast<const int32_t*>(data);
-  }
   if (e.success()) {
     e = optional_operand(kTarget, "dlse", dlse, {B, H, Sq}, &data);
     p.dlse = static_cast<const float*>(data);
   }
   if (e.failure()) return e;
-  if ((p.q_segment_ids == nullptr) != (p.kv_segment_ids == nullptr)) {
-    return ffi::Error::InvalidArgument(
-        "jax_flash_bwd: q_segment_ids and kv_segment_ids come together");
-  }
   if (p.alibi_slopes != nullptr) {
     e = expect_shape(kTarget, "dalibi", dalibi->dimensions(), {B, H});
     if (e.failure()) return e;

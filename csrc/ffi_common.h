@@ -58,6 +58,48 @@ ffi::Error optional_operand(const char* target, const char* name,
   return ffi::Error::Success();
 }
 
+// Reads the optional mask operands of both handlers into p: alibi slopes
+// (B, H), segment ids (B, Sq) and (B, Sk), which come together, and q/kv
+// lengths (B,); an empty buffer means absent. Errors name `target` and the
+// operand.
+inline ffi::Error read_mask_operands(
+    const char* target, int64_t B, int64_t H, int64_t Sq, int64_t Sk,
+    const ffi::Buffer<ffi::F32>& alibi_slopes,
+    const ffi::Buffer<ffi::S32>& q_segment_ids,
+    const ffi::Buffer<ffi::S32>& kv_segment_ids,
+    const ffi::Buffer<ffi::S32>& q_lengths,
+    const ffi::Buffer<ffi::S32>& kv_lengths, FwdParams* p) {
+  const void* data[5] = {};
+  ffi::Error e =
+      optional_operand(target, "alibi_slopes", alibi_slopes, {B, H}, &data[0]);
+  if (e.success()) {
+    e = optional_operand(target, "q_segment_ids", q_segment_ids, {B, Sq},
+                         &data[1]);
+  }
+  if (e.success()) {
+    e = optional_operand(target, "kv_segment_ids", kv_segment_ids, {B, Sk},
+                         &data[2]);
+  }
+  if (e.success()) {
+    e = optional_operand(target, "q_lengths", q_lengths, {B}, &data[3]);
+  }
+  if (e.success()) {
+    e = optional_operand(target, "kv_lengths", kv_lengths, {B}, &data[4]);
+  }
+  if (e.failure()) return e;
+  if ((data[1] == nullptr) != (data[2] == nullptr)) {
+    return ffi::Error::InvalidArgument(
+        std::string(target) +
+        ": q_segment_ids and kv_segment_ids come together");
+  }
+  p->alibi_slopes = static_cast<const float*>(data[0]);
+  p->q_segment_ids = static_cast<const int32_t*>(data[1]);
+  p->kv_segment_ids = static_cast<const int32_t*>(data[2]);
+  p->q_lengths = static_cast<const int32_t*>(data[3]);
+  p->kv_lengths = static_cast<const int32_t*>(data[4]);
+  return ffi::Error::Success();
+}
+
 // Environment variable that lowers the shared memory per block the kernels
 // assume (bytes): the tests use it to run the leaner A100 variants on a
 // GPU with more.

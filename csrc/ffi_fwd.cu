@@ -63,35 +63,13 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
         "jax_flash_fwd: results must be out (B, Sq, H, Dv), lse (B, H, Sq); "
         "got " + shape_text(od) + ", " + shape_text(ld));
   }
-  const void* alibi = nullptr;
-  const void* q_seg = nullptr;
-  const void* kv_seg = nullptr;
-  const void* q_len = nullptr;
-  const void* kv_len = nullptr;
-  ffi::Error e = optional_operand(kTarget, "alibi_slopes", alibi_slopes,
-                                  {B, H}, &alibi);
-  if (e.success()) {
-    e = optional_operand(kTarget, "q_segment_ids", q_segment_ids, {B, Sq},
-                         &q_seg);
-  }
-  if (e.success()) {
-    e = optional_operand(kTarget, "kv_segment_ids", kv_segment_ids, {B, Sk},
-                         &kv_seg);
-  }
-  if (e.success()) {
-    e = optional_operand(kTarget, "q_lengths", q_lengths, {B}, &q_len);
-  }
-  if (e.success()) {
-    e = optional_operand(kTarget, "kv_lengths", kv_lengths, {B}, &kv_len);
-  }
+  FwdParams p;
+  ffi::Error e =
+      read_mask_operands(kTarget, B, H, Sq, Sk, alibi_slopes, q_segment_ids,
+                         kv_segment_ids, q_lengths, kv_lengths, &p);
   if (e.failure()) return e;
-  if ((q_seg == nullptr) != (kv_seg == nullptr)) {
-    return ffi::Error::InvalidArgument(
-        "jax_flash_fwd: q_segment_ids and kv_segment_ids come together");
-  }
   if (B == 0 || Sq == 0 || H == 0) return ffi::Error::Success();
 
-  FwdParams p;
   p.q = q.untyped_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
@@ -122,11 +100,6 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   p.window_left = window_left < 0 ? -1 : window_left;
   p.window_right = window_right < 0 ? -1 : window_right;
   p.softcap = softcap > 0.f ? softcap : 0.f;
-  p.alibi_slopes = static_cast<const float*>(alibi);
-  p.q_segment_ids = static_cast<const int32_t*>(q_seg);
-  p.kv_segment_ids = static_cast<const int32_t*>(kv_seg);
-  p.q_lengths = static_cast<const int32_t*>(q_len);
-  p.kv_lengths = static_cast<const int32_t*>(kv_len);
   p.is_bf16 = dtype == kDtype_bf16;
   set_device_info(&p);
 

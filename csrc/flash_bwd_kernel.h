@@ -37,8 +37,8 @@ namespace jax_flash {
 
 // kQStages: Q/dO buffers. 2: the next query tile loads while this one is
 // multiplied; 1 (GPUs with less shared memory per block, e.g. A100 at head
-// dims >= 128): it loads after this tile's last product, during its dQ
-// atomics.
+// dims 64 and >= 128): it loads after this tile's last product, during its
+// dQ atomics.
 template <typename T_, int kHeadDim_, int kQStages_>
 struct BwdKernelTraits {
   using T = T_;

@@ -9,8 +9,13 @@
 namespace jax_flash {
 
 // Query rows per inner-loop step. 64 keeps the recomputed S and dP (two
-// 64 x kBlockN float tiles) at 32 registers each per thread.
-constexpr int bwd_block_m(int /*head_dim*/) { return 64; }
+// 64 x kBlockN float tiles) at 32 registers each per thread. At D = 64 the
+// dK/dV accumulators leave room for 128 rows (64 registers each, no spills),
+// which halves the steps and their barriers per key tile: the backward went
+// from 0.73-0.81x to 0.90-0.95x of FlashAttention-2 on an H100
+// (docs/performance.md). Its two Q/dO stages then need 187 KB of shared
+// memory, so an A100 runs the one-stage variant there.
+constexpr int bwd_block_m(int head_dim) { return head_dim == 64 ? 128 : 64; }
 
 // Keys per CTA. A CTA keeps dK and dV for its keys in registers: 2 * kBlockN
 // * D / 256 floats per thread. 128 keys up to D = 128 (128 registers), 64 keys
