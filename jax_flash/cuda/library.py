@@ -72,10 +72,11 @@ class BuildInfo:
     """Whether code built here runs on a device of this capability.
 
     Machine code for sm_XY runs on devices of the same major version and a
-    minor version >= Y.
+    minor version >= Y; the PTX of the newest arch, which every build embeds
+    (build/build_cuda.py), is compiled by the driver for any later device.
     """
     return any(a // 10 == capability // 10 and a <= capability
-               for a in self.archs)
+               for a in self.archs) or capability >= max(self.archs)
 
 
 @dataclasses.dataclass(frozen=True)
