@@ -8,11 +8,13 @@ else.
 from jax_flash.attention import flash_attention
 from jax_flash.config import MAX_HEAD_DIM, AttentionConfig, MaskArrays
 from jax_flash.first_order import HigherOrderDerivativeError
+from jax_flash.merge import merge_attention_states
 
 __version__ = "0.1.0"
 
 __all__ = [
     "flash_attention",
+    "merge_attention_states",
     "AttentionConfig",
     "MaskArrays",
     "MAX_HEAD_DIM",
