@@ -1,12 +1,14 @@
 """jax_flash: FlashAttention for JAX.
 
-`flash_attention` is the one entry point; it runs CUDA kernels on NVIDIA GPUs
-and a pure-JAX blockwise implementation with the same O(S) memory everywhere
-else.
+`flash_attention` is the main entry point; it runs CUDA kernels on NVIDIA
+GPUs and a pure-JAX blockwise implementation with the same O(S) memory
+everywhere else. `flash_attention_with_kv_cache` serves decoding against a
+contiguous or paged key/value cache.
 """
 
 from jax_flash.attention import flash_attention
 from jax_flash.config import MAX_HEAD_DIM, AttentionConfig, MaskArrays
+from jax_flash.decode import KVCacheAttention, flash_attention_with_kv_cache
 from jax_flash.first_order import HigherOrderDerivativeError
 from jax_flash.merge import merge_attention_states
 
@@ -15,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "flash_attention",
     "merge_attention_states",
+    "flash_attention_with_kv_cache",
+    "KVCacheAttention",
     "AttentionConfig",
     "MaskArrays",
     "MAX_HEAD_DIM",
