@@ -152,3 +152,26 @@ def test_sow_weights_is_an_error():
   params = layer.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="cannot sow"):
     layer.apply(params, x, sow_weights=True)
+
+
+def test_paged_cache_decodes_the_full_sequence():
+  x = inputs()
+  kwargs = dict(num_heads=HEADS, qkv_features=F, num_kv_heads=2)
+  params = FlashMultiHeadAttention(**kwargs).init(jax.random.key(5), x)
+  want = FlashMultiHeadAttention(**kwargs).apply(params, x, causal=True)
+  decoder = FlashMultiHeadAttention(**kwargs, decode=True,
+                                    cache_block_size=16)
+  cache = decoder.init(jax.random.key(0), x)["cache"]
+  assert cache["cached_key"].shape == (B * 2, 16, 2, F // HEADS)
+  assert cache["block_table"].shape == (B, 2)
+  step = jax.jit(lambda cache, piece: decoder.apply(
+      {"params": params["params"], "cache": cache}, piece, causal=True,
+      mutable=["cache"]))
+  outs, start = [], 0
+  for n in (5, 1, 15):
+    out, variables = step(cache, x[:, start:start + n])
+    cache = variables["cache"]
+    outs.append(out)
+    start += n
+  np.testing.assert_array_equal(cache["cache_index"], [S, S])
+  assert_close(jnp.concatenate(outs, axis=1), want)

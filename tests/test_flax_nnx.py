@@ -119,3 +119,28 @@ def test_attention_fn_cannot_be_replaced():
   with pytest.raises(TypeError, match="attention_fn"):
     FlashMultiHeadAttention(HEADS, F, attention_fn=nnx.dot_product_attention,
                             rngs=nnx.Rngs(0))
+
+
+def test_paged_cache_decodes_like_the_contiguous_one():
+  x = inputs()
+  _, layer = pair(num_kv_heads=2)
+  paged = FlashMultiHeadAttention(HEADS, F, num_kv_heads=2, decode=False,
+                                  cache_block_size=16, rngs=nnx.Rngs(0))
+  # Row r's blocks in reverse pool order, with a spare block.
+  table = jnp.array([[3, 2], [1, 0]], jnp.int32)
+  paged.init_cache((B, S, F), num_blocks=5, block_table=table)
+  layer.init_cache((B, S, F))
+  assert paged.cached_key[...].shape == (5, 16, 2, F // HEADS)
+  step = nnx.jit(lambda model, piece: model(piece, decode=True, causal=True))
+  start = 0
+  for n in (4, 1, 14):
+    assert_close(step(paged, x[:, start:start + n]),
+                 step(layer, x[:, start:start + n]))
+    start += n
+  np.testing.assert_array_equal(paged.cache_index[...], [S, S])
+  # Rows continue from their own lengths: row 1 goes back to position 3.
+  want = paged(x, causal=True, decode=False)
+  paged.cache_index[...] = jnp.array([S, 3])
+  assert_close(step(paged, x[:, 3:4])[1], want[1, 3:4])
+  with pytest.raises(ValueError, match="cache_block_size"):
+    layer.init_cache((B, S, F), num_blocks=4)

@@ -20,6 +20,13 @@ def token_positions(lengths: jax.Array, num_new: int) -> jax.Array:
   return lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
 
 
+def lengths_after(lengths: jax.Array, num_new: int,
+                  capacity: int) -> jax.Array:
+  """(B,) int32 valid positions after appending `num_new` tokens to rows of
+  `lengths` (already in [0, capacity]): tokens that do not fit are dropped."""
+  return jnp.minimum(lengths + num_new, capacity)
+
+
 def append_tokens(key_cache: jax.Array, value_cache: jax.Array,
                   new_key: jax.Array, new_value: jax.Array,
                   lengths: jax.Array, block_table: Optional[jax.Array]

@@ -121,7 +121,7 @@ def flash_attention_with_kv_cache(
     key_cache, value_cache = append.append_tokens(
         key_cache, value_cache, new_key, new_value, lengths,
         checked.block_table)
-    total = jnp.minimum(lengths + query.shape[1], checked.capacity)
+    total = append.lengths_after(lengths, query.shape[1], checked.capacity)
     # Query i stands at position lengths + i: rows whose token was dropped
     # lie past q_lengths, which also keeps the diagonal (kv_len - q_len)
     # at `lengths`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 from flax.linen.linear import default_kernel_init
 
 from jax_flash.flax.attend import SegmentIds, attend, key_value_inputs
-from jax_flash.flax.cache import append_to_cache, check_decode_arguments
+from jax_flash.flax.cache import (check_decode_arguments, decode_step,
+                                  paged_cache)
 
 
 class FlashMultiHeadAttention(nn.Module):
@@ -47,6 +49,13 @@ class FlashMultiHeadAttention(nn.Module):
     use_bias: whether the projections have biases.
     decode: use the autoregressive cache: `init` with a full-length input
       sizes it, then each call appends its positions (one or more).
+    cache_block_size: None keeps Flax's contiguous cache; a multiple of 16
+      makes the cache paged (see `jax_flash.flax.cache`): `cached_key` and
+      `cached_value` become a pool (rows * max_blocks, cache_block_size,
+      Hkv, D), with `block_table` (rows, max_blocks) giving row r blocks
+      r * max_blocks ... and `cache_index` (rows,) per-row lengths, rows
+      being the product of the batch dims. Replace these variables in the
+      "cache" collection for another pool or table.
     normalize_qk: LayerNorm on queries and keys (arxiv.org/abs/2302.05442).
     implementation: `jax_flash.flash_attention`'s `implementation`.
   """
@@ -69,6 +78,7 @@ class FlashMultiHeadAttention(nn.Module):
   decode: bool = False
   normalize_qk: bool = False
   implementation: Optional[str] = None
+  cache_block_size: Optional[int] = None
 
   @nn.compact
   def __call__(self,
@@ -133,21 +143,6 @@ class FlashMultiHeadAttention(nn.Module):
       query = norm(name="query_ln")(query)
       key = norm(name="key_ln")(key)
 
-    if self.decode:
-      initialized = self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape,
-                                 key.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros,
-                                   value.shape, value.dtype)
-      index = self.variable("cache", "cache_index",
-                            lambda: jnp.array(0, jnp.int32))
-      if initialized:
-        check_decode_arguments(segment_ids, q_seq_lengths, kv_seq_lengths)
-        key, value, kv_seq_lengths = append_to_cache(
-            cached_key.value, cached_value.value, index.value, key, value)
-        cached_key.value, cached_value.value = key, value
-        index.value = kv_seq_lengths
-
     rate, rng = 0.0, None
     if self.dropout_rate > 0:
       if not nn.merge_param("deterministic", self.deterministic,
@@ -156,11 +151,27 @@ class FlashMultiHeadAttention(nn.Module):
         rng = dropout_rng if dropout_rng is not None else self.make_rng(
             "dropout")
 
-    x = attend(query, key, value, mask=mask, causal=causal,
-               window_size=window_size, segment_ids=segment_ids,
-               q_seq_lengths=q_seq_lengths, kv_seq_lengths=kv_seq_lengths,
-               dropout_rate=rate, dropout_rng=rng,
-               implementation=self.implementation)
+    if self.decode and self.has_variable("cache", "cached_key"):
+      check_decode_arguments(segment_ids, q_seq_lengths, kv_seq_lengths)
+      cache = self._cache(key, value)
+      block_table = (None if self.cache_block_size is None else
+                     cache["block_table"].value)
+      x, keys, values, index = decode_step(
+          cache["cached_key"].value, cache["cached_value"].value,
+          cache["cache_index"].value, query, key, value,
+          block_table=block_table, mask=mask, causal=causal,
+          window_size=window_size, dropout_rate=rate, dropout_rng=rng,
+          implementation=self.implementation)
+      cache["cached_key"].value, cache["cached_value"].value = keys, values
+      cache["cache_index"].value = index
+    else:
+      if self.decode:  # `init`: the input's shape sizes the cache
+        self._cache(key, value)
+      x = attend(query, key, value, mask=mask, causal=causal,
+                 window_size=window_size, segment_ids=segment_ids,
+                 q_seq_lengths=q_seq_lengths, kv_seq_lengths=kv_seq_lengths,
+                 dropout_rate=rate, dropout_rng=rng,
+                 implementation=self.implementation)
     return nn.DenseGeneral(
         features=features, axis=(-2, -1),
         kernel_init=self.out_kernel_init or self.kernel_init,
@@ -168,3 +179,20 @@ class FlashMultiHeadAttention(nn.Module):
         use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, precision=self.precision,
         name="out")(x)
+
+  def _cache(self, key: jax.Array, value: jax.Array) -> dict[str, Any]:
+    """The cache variables, created for keys/values of this shape if new."""
+    if self.cache_block_size is None:
+      initial = lambda: {"cached_key": jnp.zeros(key.shape, key.dtype),
+                         "cached_value": jnp.zeros(value.shape, value.dtype),
+                         "cache_index": jnp.array(0, jnp.int32)}
+    else:
+      initial = lambda: paged_cache(
+          math.prod(key.shape[:-3]), key.shape[-3], self.cache_block_size,
+          key.shape[-2], key.shape[-1], key.dtype,
+          value_dim=value.shape[-1])._asdict()
+    names = ["cached_key", "cached_value", "cache_index"]
+    if self.cache_block_size is not None:
+      names.append("block_table")
+    return {name: self.variable("cache", name, lambda n=name: initial()[n])
+            for name in names}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jax_flash.flax.attend import SegmentIds, attend, key_value_inputs
 from jax_flash.flax.attention_fn import dot_product_attention
-from jax_flash.flax.cache import append_to_cache, check_decode_arguments
+from jax_flash.flax.cache import (check_decode_arguments, decode_step,
+                                  paged_cache)
 
 
 class FlashMultiHeadAttention(nnx.MultiHeadAttention):
@@ -31,6 +34,9 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
     num_kv_heads: key/value heads (GQA); default num_heads.
     in_kv_features: input features of keys and values (default in_features).
     implementation: `jax_flash.flash_attention`'s `implementation`.
+    cache_block_size: None keeps Flax's contiguous cache; a multiple of 16
+      makes `init_cache` build a paged cache of blocks of that many
+      positions (see `jax_flash.flax.cache` and `init_cache`).
     rngs: `nnx.Rngs` for initialization and (with dropout) the dropout
       stream.
     **kwargs: the other keyword arguments of `nnx.MultiHeadAttention`
@@ -44,6 +50,7 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
                num_kv_heads: Optional[int] = None,
                in_kv_features: Optional[int] = None, *,
                implementation: Optional[str] = None,
+               cache_block_size: Optional[int] = None,
                rngs: nnx.Rngs, **kwargs: Any):
     if "attention_fn" in kwargs:
       raise TypeError("FlashMultiHeadAttention always uses jax_flash; use "
@@ -52,6 +59,43 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
                      num_kv_heads, in_kv_features,
                      attention_fn=dot_product_attention, rngs=rngs, **kwargs)
     self.implementation = implementation
+    self.cache_block_size = cache_block_size
+
+  def init_cache(self, input_shape: tuple[int, ...], dtype: Any = jnp.float32,
+                 *, num_blocks: Optional[int] = None,
+                 block_table: Optional[jax.Array] = None) -> None:
+    """Creates an empty cache for inputs of `input_shape`.
+
+    Args:
+      input_shape: (batch..., max_length, in_features).
+      dtype: dtype of the cached keys and values.
+      num_blocks: paged cache only: blocks in the pool (default: enough for
+        every row to hold max_length positions).
+      block_table: paged cache only: (rows, max_blocks) block ids, rows
+        being the product of the batch dims (default: row r owns blocks
+        r * max_blocks ... (r + 1) * max_blocks - 1).
+
+    With `cache_block_size` unset this is Flax's cache (`cached_key`,
+    `cached_value` (batch..., max_length, Hkv, D), scalar `cache_index`).
+    Otherwise `cached_key`, `cached_value` are a pool (num_blocks,
+    cache_block_size, Hkv, D), `block_table` the rows' block ids and
+    `cache_index` (rows,) the positions each row holds: set it to restart
+    rows at other lengths (e.g. after a padded prefill).
+    """
+    if self.cache_block_size is None:
+      if num_blocks is not None or block_table is not None:
+        raise ValueError("num_blocks and block_table need a paged cache: "
+                         "construct the layer with cache_block_size")
+      super().init_cache(input_shape, dtype)
+      return
+    cache = paged_cache(math.prod(input_shape[:-2]), input_shape[-2],
+                        self.cache_block_size, self.num_kv_heads,
+                        self.head_dim, dtype, num_blocks=num_blocks,
+                        block_table=block_table)
+    self.cached_key = nnx.Cache(cache.cached_key)
+    self.cached_value = nnx.Cache(cache.cached_value)
+    self.block_table = nnx.Cache(cache.block_table)
+    self.cache_index = nnx.Cache(cache.cache_index)
 
   def __call__(self,
                inputs_q: jax.Array,
@@ -112,34 +156,46 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
       query = self.query_ln(query)
       key = self.key_ln(key)
 
-    if decode if decode is not None else bool(self.decode):
-      if self.cached_key is None:
-        raise ValueError("the autoregressive cache is not initialized: call "
-                         "init_cache first")
+    decoding = decode if decode is not None else bool(self.decode)
+    if decoding and self.cached_key is None:
+      raise ValueError("the autoregressive cache is not initialized: call "
+                       "init_cache first")
+    rate, dropout_rng = self._dropout(deterministic, rngs)
+    if decoding:
       check_decode_arguments(segment_ids, q_seq_lengths, kv_seq_lengths)
-      key, value, kv_seq_lengths = append_to_cache(
+      block_table = (None if self.cache_block_size is None else
+                     self.block_table[...])
+      x, keys, values, index = decode_step(
           self.cached_key[...], self.cached_value[...],
-          self.cache_index[...], key, value)
-      self.cached_key[...] = key
-      self.cached_value[...] = value
-      self.cache_index[...] = kv_seq_lengths
-
-    rate, dropout_rng = 0.0, None
-    if self.dropout_rate > 0:
-      if deterministic is None:
-        deterministic = bool(self.deterministic)
-      if not deterministic:
-        stream = self.rngs if rngs is None else rngs
-        if isinstance(stream, nnx.Rngs):
-          stream = stream.dropout
-        if stream is None:
-          raise ValueError("dropout needs `rngs`: pass them to the call, or "
-                           "construct the layer with keep_rngs=True")
-        rate, dropout_rng = self.dropout_rate, stream()
-
-    x = attend(query, key, value, mask=mask, causal=causal or is_causal,
-               window_size=window_size, segment_ids=segment_ids,
-               q_seq_lengths=q_seq_lengths, kv_seq_lengths=kv_seq_lengths,
-               dropout_rate=rate, dropout_rng=dropout_rng,
-               implementation=self.implementation)
+          self.cache_index[...], query, key, value, block_table=block_table,
+          mask=mask, causal=causal or is_causal, window_size=window_size,
+          dropout_rate=rate, dropout_rng=dropout_rng,
+          implementation=self.implementation)
+      self.cached_key[...] = keys
+      self.cached_value[...] = values
+      self.cache_index[...] = index
+    else:
+      x = attend(query, key, value, mask=mask, causal=causal or is_causal,
+                 window_size=window_size, segment_ids=segment_ids,
+                 q_seq_lengths=q_seq_lengths, kv_seq_lengths=kv_seq_lengths,
+                 dropout_rate=rate, dropout_rng=dropout_rng,
+                 implementation=self.implementation)
     return self.out(x, out_sharding=out_sharding)
+
+  def _dropout(self, deterministic: Optional[bool],
+               rngs: Union[nnx.Rngs, nnx.RngStream, None]
+               ) -> tuple[float, Optional[jax.Array]]:
+    """(rate, key) of this call's attention dropout; (0, None) for none."""
+    if self.dropout_rate <= 0:
+      return 0.0, None
+    if deterministic is None:
+      deterministic = bool(self.deterministic)
+    if deterministic:
+      return 0.0, None
+    stream = self.rngs if rngs is None else rngs
+    if isinstance(stream, nnx.Rngs):
+      stream = stream.dropout
+    if stream is None:
+      raise ValueError("dropout needs `rngs`: pass them to the call, or "
+                       "construct the layer with keep_rngs=True")
+    return self.dropout_rate, stream()
