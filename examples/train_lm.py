@@ -2,6 +2,8 @@
 
     python examples/train_lm.py                    # jax_flash attention
     python examples/train_lm.py --attention xla    # Flax's default attention
+    python examples/train_lm.py --save lm.npz      # keep the weights, then
+    python examples/generate.py --checkpoint lm.npz
 
 The corpus is examples/data/botchan.txt (public domain, see its README). The
 model is a pre-LayerNorm decoder; its attention layers are either
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import resource
 import time
@@ -66,22 +69,28 @@ DEFAULTS = {
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block: causal self-attention and an MLP."""
 
-  def __init__(self, config: ModelConfig, attention: str, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, attention: str, rngs: nnx.Rngs,
+               cache_block_size: Optional[int] = None):
     d = config.d_model
-    layer = (FlashMultiHeadAttention if attention == "flash" else
-             nnx.MultiHeadAttention)
+    flash = attention == "flash"
+    extra = {"cache_block_size": cache_block_size} if flash else {}
+    layer = FlashMultiHeadAttention if flash else nnx.MultiHeadAttention
+    # jax_flash aligns the causal mask bottom-right, so it stays on while
+    # decoding (several new positions at once see each other causally);
+    # Flax's aligns it top-left, and its cache hides future positions of a
+    # single new token by itself.
+    self.causal_while_decoding = flash
     self.attention_norm = nnx.LayerNorm(d, dtype=config.dtype, rngs=rngs)
     self.attention = layer(
         config.num_heads, d, num_kv_heads=config.num_kv_heads,
-        dtype=config.dtype, decode=False, rngs=rngs)
+        dtype=config.dtype, decode=False, rngs=rngs, **extra)
     self.mlp_norm = nnx.LayerNorm(d, dtype=config.dtype, rngs=rngs)
     self.mlp_in = nnx.Linear(d, 4 * d, dtype=config.dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(4 * d, d, dtype=config.dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, decode: bool) -> jax.Array:
-    # While decoding, the cache masks future positions by itself; Flax's
-    # `is_causal` would align the single query with the first key instead.
-    x = x + self.attention(self.attention_norm(x), is_causal=not decode,
+    causal = self.causal_while_decoding or not decode
+    x = x + self.attention(self.attention_norm(x), is_causal=causal,
                            decode=decode)
     return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
 
@@ -89,12 +98,13 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
   """Token and position embeddings, `num_layers` blocks, a linear head."""
 
-  def __init__(self, config: ModelConfig, attention: str, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, attention: str, rngs: nnx.Rngs,
+               cache_block_size: Optional[int] = None):
     self.token_embedding = nnx.Embed(config.vocab_size, config.d_model,
                                      dtype=config.dtype, rngs=rngs)
     self.position_embedding = nnx.Embed(config.max_len, config.d_model,
                                         dtype=config.dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(config, attention, rngs)
+    self.blocks = nnx.List([Block(config, attention, rngs, cache_block_size)
                             for _ in range(config.num_layers)])
     self.final_norm = nnx.LayerNorm(config.d_model, dtype=config.dtype,
                                     rngs=rngs)
@@ -103,7 +113,8 @@ class GPT(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array,
                decode: bool = False) -> jax.Array:
-    """(B, S) token ids at (S,) positions -> (B, S, vocab) float32 logits."""
+    """(B, S) token ids at (S,) or (B, S) positions -> (B, S, vocab) float32
+    logits."""
     x = self.token_embedding(tokens) + self.position_embedding(positions)
     for block in self.blocks:
       x = block(x, decode)
@@ -237,19 +248,40 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--sample", type=int, default=200,
                  help="characters to generate at the end (0: none)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--save", metavar="PATH",
+                 help="write the trained weights and options to PATH (.npz) "
+                      "for examples/generate.py")
   return p
 
 
-def build(args: argparse.Namespace, corpus: Corpus
-          ) -> tuple[GPT, ModelConfig]:
-  """The model for these options, initialized from the seed."""
+def build(args: argparse.Namespace, corpus: Corpus,
+          cache_block_size: Optional[int] = None) -> tuple[GPT, ModelConfig]:
+  """The model for these options, initialized from the seed; its attention
+  layers use a paged cache of `cache_block_size` when that is set."""
   config = ModelConfig(
       vocab_size=len(corpus.chars), max_len=args.seq_len,
       d_model=args.d_model, num_layers=args.num_layers,
       num_heads=args.num_heads,
       num_kv_heads=args.num_kv_heads or args.num_heads,
       dtype=jnp.dtype(args.dtype))
-  return GPT(config, args.attention, nnx.Rngs(args.seed)), config
+  return GPT(config, args.attention, nnx.Rngs(args.seed),
+             cache_block_size), config
+
+
+def save_checkpoint(path: str, args: argparse.Namespace,
+                    params: nnx.State) -> None:
+  """The options and the weights (the leaves of `params`, in order)."""
+  leaves = {f"leaf_{i}": np.asarray(x)
+            for i, x in enumerate(jax.tree.leaves(params))}
+  np.savez(path, options=json.dumps(vars(args)), **leaves)
+
+
+def load_checkpoint(path: str) -> tuple[argparse.Namespace, list[np.ndarray]]:
+  """(options, weights) written by `save_checkpoint`."""
+  with np.load(path) as data:
+    options = argparse.Namespace(**json.loads(str(data["options"])))
+    leaves = [data[f"leaf_{i}"] for i in range(len(data.files) - 1)]
+  return options, leaves
 
 
 def describe(args: argparse.Namespace, params: nnx.State) -> None:
@@ -341,6 +373,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         f"{result['tokens_per_s']:,.0f} tokens/s; peak memory "
         f"{peak_memory()}; XLA temporaries per step {step_temp_mib:.1f} MiB")
 
+  if args.save:
+    save_checkpoint(args.save, args, params)
+    print(f"saved the weights to {args.save}")
   if args.sample > 0:
     model = nnx.merge(graphdef, params)
     text = corpus.decode(generate(model, config, corpus.valid[:16],
