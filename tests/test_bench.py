@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jax_flash.bench import __main__ as bench_main
-from jax_flash.bench import cases, checks, flops, report, timing
+from jax_flash.bench import (cases, checks, flops, implementations, report,
+                              runner, timing)
 
 
 def _brute_force_pairs(q_len, kv_len, causal, window):
@@ -201,3 +202,24 @@ def test_merging_results_keeps_the_first_record_and_every_command(tmp_path):
   assert [(r["impl"], r["tflops"]) for r in records] == [("a", 300.0),
                                                          ("c", 500.0)]
   assert merged["command"] == "run one`; `run two"
+
+
+def test_paged_decoding_case_runs_on_the_kv_cache_api_only():
+  case = cases.Case("decode", 2, 1, 128, 4, 2, 32, False, page_size=16)
+  table = implementations.page_table(case)
+  # Each row visits exactly its own blocks, in a shuffled order.
+  assert sorted(table[1].tolist()) == list(range(8, 16))
+  assert table[0].tolist() != list(range(8))
+  settings = runner.Settings(rounds=1, calls=1, warmup=1, modes=("fwd",))
+  records = runner.run_case(
+      case, implementations.by_name(["jax_flash_kvcache_xla", "jax_xla"]),
+      settings, seed=0, log=lambda line: None)
+  by_impl = {r["impl"]: r for r in records}
+  ours = by_impl["jax_flash_kvcache_xla"]
+  assert ours["status"] == "ok", ours
+  assert ours["check_error"] < checks.MAX_RELATIVE_ERROR and ours["gbps"] > 0
+  assert by_impl["jax_xla"]["note"] == "no paged K/V cache"
+  text = report.markdown(records, {
+      "date": "2026-01-01", "device": "test", "gpu": None, "backend": "cpu",
+      "versions": {}, "command": "x"})
+  assert "| 2 | 1 | paged 16 | 128 |" in text

@@ -28,7 +28,7 @@ class Case:
 
   Attributes:
     kind: "mha" (training shapes), "gqa" (training shapes, grouped K/V
-      heads) or "decode" (one query token against a long K/V cache).
+      heads) or "decode" (a few query tokens against a long K/V cache).
     batch: B.
     q_len: Sq.
     kv_len: Sk.
@@ -37,6 +37,9 @@ class Case:
     head_dim: D (= Dv).
     causal: bottom-right aligned causal mask.
     dtype: name of the input dtype ("bfloat16" or "float16").
+    page_size: decoding only: block size of a paged K/V cache, whose block
+      table visits each row's blocks in a shuffled order; 0 for a
+      contiguous cache.
   """
 
   kind: str
@@ -48,6 +51,7 @@ class Case:
   head_dim: int
   causal: bool
   dtype: str = "bfloat16"
+  page_size: int = 0
 
   @property
   def softmax_scale(self) -> float:
@@ -66,9 +70,10 @@ class Case:
   def label(self) -> str:
     """A short human-readable name, used in logs."""
     mask = "causal" if self.causal else "full"
+    paged = f" paged{self.page_size}" if self.page_size else ""
     return (f"{self.kind} B={self.batch} Sq={self.q_len} Sk={self.kv_len} "
             f"H={self.heads}/{self.kv_heads} D={self.head_dim} {mask} "
-            f"{self.dtype}")
+            f"{self.dtype}{paged}")
 
 
 def training_cases(head_dims: tuple[int, ...], seq_lens: tuple[int, ...], *,
@@ -99,28 +104,36 @@ def training_cases(head_dims: tuple[int, ...], seq_lens: tuple[int, ...], *,
   return cases
 
 
-def decode_cases(kv_lens: tuple[int, ...], *, batch: int = 8,
-                 heads: int = 32, kv_heads: int = 8,
-                 head_dim: int = 128) -> list[Case]:
-  """One new token (Sq = 1) per sequence against K/V caches of length Sk.
+def decode_cases(kv_lens: tuple[int, ...], *, batch: int = 4,
+                 q_len: int = 1, page_size: int = 0, heads: int = 32,
+                 kv_heads: int = 8, head_dim: int = 128) -> list[Case]:
+  """Sq new tokens per sequence (1, or a few for speculative decoding)
+  against K/V caches of length Sk, contiguous or paged.
 
   The default shape is a Llama-3-8B layer: 32 query heads, 8 K/V heads, D 128.
   """
-  return [Case("decode", batch, 1, kv_len, heads, kv_heads, head_dim, False)
-          for kv_len in kv_lens]
+  return [Case("decode", batch, q_len, kv_len, heads, kv_heads, head_dim,
+               False, page_size=page_size) for kv_len in kv_lens]
 
 
 def default_grid() -> list[Case]:
   """The published grid, the headline D = 128 cases first.
 
   D 64/128/256 × S 512…16k × causal and not (MHA); GQA with 8 query heads
-  per K/V head at D = 128; decoding with Sk from 1k to 128k.
+  per K/V head at D = 128; decoding (32 query heads over 8 K/V heads, D =
+  128): B = 4 with one new token at Sk 8k/32k/128k, B = 64 at Sk 4k, four
+  speculative tokens, and paged caches of blocks of 16 and 64.
   """
   seq_lens = (512, 1024, 2048, 4096, 8192, 16384)
+  decode_lens = (8192, 32768, 131072)
   return (training_cases((128,), seq_lens)
           + training_cases((128,), (1024, 4096, 16384), kind="gqa",
                            group=GQA_GROUP)
-          + decode_cases((1024, 4096, 16384, 32768, 65536, 131072))
+          + decode_cases(decode_lens)
+          + decode_cases((4096,), batch=64)
+          + decode_cases(decode_lens, q_len=4)
+          + decode_cases(decode_lens, page_size=16)
+          + decode_cases(decode_lens, page_size=64)
           + training_cases((64, 256), seq_lens))
 
 

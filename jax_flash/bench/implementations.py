@@ -31,6 +31,13 @@ MOSAIC_BLOCK_BWD = 64
 TRITON_MIN_BLOCK = 16
 """Smallest tile `tl.dot` accepts, so the Triton kernel needs Sq >= 16."""
 
+SPLIT_KV_TARGET_CTAS = 132
+"""flash_attn3_jax's `flash_mha_with_kvcache` has no split heuristic: its
+key range is split so that B·Hkv·splits fills the 132 SMs of an H100/H200."""
+
+PAGE_TABLE_SEED = 0
+"""Seed of the shuffled block order of paged decoding cases."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
@@ -45,6 +52,8 @@ class Implementation:
     applies_scale: False when the kernel has no softmax scale argument; the
       runner then folds the scale into the query inputs.
     needs_gpu: skip without trying when no GPU is present.
+    paged: reads a paged K/V cache through a block table (decoding cases
+      with `page_size` run only on these).
     skip_reason: `skip_reason(case, mode)` returns why the case is known
       not to run, or None.
     build: `build(case)` returns `attend`, importing what it needs.
@@ -59,6 +68,7 @@ class Implementation:
   dtype: Optional[str] = None
   applies_scale: bool = True
   needs_gpu: bool = True
+  paged: bool = False
   skip_reason: Callable[[Case, str], Optional[str]] = lambda case, mode: None
   context: Callable[[], Any] = contextlib.nullcontext
 
@@ -71,6 +81,65 @@ def _jax_flash(implementation: str) -> Callable[[Case], Attend]:
                                        implementation=implementation)
     return attend
   return build
+
+
+def page_table(case: Case) -> Any:
+  """(B, Sk / page_size) int32 block ids of a paged case: row b owns blocks
+  b·n … b·n + n - 1 of the pool, visited in a shuffled order. Without a
+  causal mask or position-dependent scores the output does not depend on
+  the order of the keys, so the result equals the contiguous one while the
+  reads are scattered as in a real pool."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  per_row = case.kv_len // case.page_size
+  rng = np.random.default_rng(PAGE_TABLE_SEED)
+  rows = [b * per_row + rng.permutation(per_row) for b in range(case.batch)]
+  return np.stack(rows).astype(np.int32)
+
+
+def _as_pool(case: Case, cache: Any) -> Any:
+  """(B, Sk, Hkv, D) viewed as a pool (B·Sk / page_size, page_size, Hkv, D)."""
+  return cache.reshape((-1, case.page_size) + cache.shape[2:])
+
+
+def _jax_flash_kv_cache(implementation: str) -> Callable[[Case], Attend]:
+  def build(case: Case) -> Attend:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import jax_flash  # pylint: disable=import-outside-toplevel
+    table = jnp.asarray(page_table(case)) if case.page_size else None
+    lengths = jnp.full((case.batch,), case.kv_len, jnp.int32)
+    def attend(q, k, v):
+      if table is not None:
+        k, v = _as_pool(case, k), _as_pool(case, v)
+      return jax_flash.flash_attention_with_kv_cache(
+          q, k, v, cache_seq_lengths=lengths, block_table=table,
+          causal=case.causal, implementation=implementation).out
+    return attend
+  return build
+
+
+def _flash_attn3_kv_cache(case: Case) -> Attend:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  core = importlib.import_module("jax.core")
+  if not hasattr(core, "ShapedArray"):
+    # The wheel imports jax.core.ShapedArray, no longer public in new JAX.
+    core.ShapedArray = importlib.import_module("jax._src.core").ShapedArray
+  module = importlib.import_module("flash_attn3_jax")
+  table = jnp.asarray(page_table(case)) if case.page_size else None
+  lengths = jnp.full((case.batch,), case.kv_len, jnp.int32)
+  splits = max(1, -(-SPLIT_KV_TARGET_CTAS // (case.batch * case.kv_heads)))
+  def attend(q, k, v):
+    if table is not None:
+      k, v = _as_pool(case, k), _as_pool(case, v)
+    return module.flash_mha_with_kvcache(
+        q, k, v, cache_seqlens=lengths, page_table=table,
+        softmax_scale=case.softmax_scale, is_causal=case.causal,
+        num_splits=splits)
+  return attend
+
+
+def _decode_only(case: Case, mode: str) -> Optional[str]:
+  del mode
+  return None if case.kind == "decode" else "a K/V-cache API (decoding only)"
 
 
 def _jax_nn(implementation: str) -> Callable[[Case], Attend]:
@@ -152,6 +221,12 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
                    _jax_flash("cuda"), needs_gpu=False),
     Implementation("jax_flash_xla", "jax_flash blockwise", "jax", True,
                    _jax_flash("xla"), needs_gpu=False),
+    Implementation("jax_flash_kvcache_cuda", "jax_flash KV cache CUDA", "jax",
+                   True, _jax_flash_kv_cache("cuda"), needs_gpu=False,
+                   paged=True, skip_reason=_decode_only),
+    Implementation("jax_flash_kvcache_xla", "jax_flash KV cache blockwise",
+                   "jax", True, _jax_flash_kv_cache("xla"), needs_gpu=False,
+                   paged=True, skip_reason=_decode_only),
     Implementation("jax_cudnn", "cuDNN (jax.nn)", "jax", False,
                    _jax_nn("cudnn")),
     Implementation("jax_xla", "XLA (jax.nn)", "jax", False, _jax_nn("xla"),
@@ -161,6 +236,10 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("pallas_mosaic", "Pallas Mosaic fp16", "jax", False,
                    _pallas_mosaic, dtype="float16", applies_scale=False,
                    skip_reason=_pallas_mosaic_skip),
+    # Skipped with a note when flash_attn3_jax is not installed.
+    Implementation("fa3_kvcache", "flash-attn3-jax KV cache", "jax", False,
+                   _flash_attn3_kv_cache, paged=True,
+                   skip_reason=_decode_only),
     Implementation("torch_flash", "torch SDPA flash", "torch", False,
                    _torch_sdpa, skip_reason=_torch_skip,
                    context=_torch_backend("FLASH_ATTENTION")),

@@ -2,7 +2,8 @@
 
 One figure per (kind, mode): a grid of panels, one row per head dim and one
 column per mask, each a grouped bar chart of TFLOP/s against S with one bar
-per implementation. Decoding gets one panel of GB/s against Sk.
+per implementation. Decoding gets a panel of GB/s against Sk per (B, Sq,
+cache layout).
 """
 
 from __future__ import annotations
@@ -93,8 +94,16 @@ def write_plots(records: list[Record], directory: pathlib.Path,
       written.append(path)
   chosen = [r for r in records if r["case"]["kind"] == "decode"]
   if any(r["status"] == "ok" for r in chosen):
+    variants: dict[tuple, list[Record]] = {}
+    for record in chosen:
+      case = record["case"]
+      variants.setdefault((case["batch"], case["q_len"],
+                           report.decode_cache(case)), []).append(record)
+    panels = [(f"B = {b}, Sq = {sq}, {cache}", panel)
+              for (b, sq, cache), panel in variants.items()]
     path = directory / "decode.png"
-    _figure(chosen, [("K/V read bandwidth", chosen)], 1, "kv_len", "gbps",
-            f"{report.KIND_TITLES['decode']}, {device}", path)
+    _figure(chosen, panels, min(len(panels), 2), "kv_len", "gbps",
+            f"{report.KIND_TITLES['decode']}, K/V read bandwidth, {device}",
+            path)
     written.append(path)
   return written

@@ -15,7 +15,7 @@ from jax_flash.bench import checks
 
 MODE_TITLES = {"fwd": "forward", "bwd": "backward",
                "fwd_bwd": "forward + backward"}
-KIND_TITLES = {"mha": "MHA", "gqa": "GQA", "decode": "decoding (Sq = 1)"}
+KIND_TITLES = {"mha": "MHA", "gqa": "GQA", "decode": "decoding"}
 
 Record = dict[str, Any]
 
@@ -94,9 +94,16 @@ def _training_row(record: Record) -> tuple:
           short_length(case["q_len"]))
 
 
+def decode_cache(case: dict[str, Any]) -> str:
+  """'contiguous' or 'paged 16' (the block size) for a decoding case."""
+  page = case.get("page_size", 0)
+  return f"paged {page}" if page else "contiguous"
+
+
 def _decode_row(record: Record) -> tuple:
   case = record["case"]
-  return (short_length(case["kv_len"]),)
+  return (str(case["batch"]), str(case["q_len"]), decode_cache(case),
+          short_length(case["kv_len"]))
 
 
 def headline(records: list[Record]) -> Optional[str]:
@@ -167,9 +174,10 @@ def markdown(records: list[Record], environment: dict[str, Any]) -> str:
       if kind == "decode":
         case = chosen[0]["case"]
         lines += [f"### {KIND_TITLES[kind]}, GB/s of K/V read "
-                  f"(B = {case['batch']}, H = {case['heads']}, "
-                  f"Hkv = {case['kv_heads']}, D = {case['head_dim']})", ""]
-        lines += _table(chosen, _decode_row, ["Sk"], "gbps")
+                  f"(H = {case['heads']}, Hkv = {case['kv_heads']}, "
+                  f"D = {case['head_dim']})", ""]
+        lines += _table(chosen, _decode_row, ["B", "Sq", "cache", "Sk"],
+                        "gbps")
       else:
         case = chosen[0]["case"]
         group = (f" ({case['heads'] // case['kv_heads']} query heads per K/V "

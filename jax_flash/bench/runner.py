@@ -65,6 +65,8 @@ def _skip_reason(impl: Implementation, case: Case, mode: str,
     return torch_missing
   if impl.needs_gpu and not on_gpu:
     return "needs a GPU"
+  if case.page_size and not impl.paged:
+    return "no paged K/V cache"
   return impl.skip_reason(case, mode)
 
 
