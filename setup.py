@@ -59,6 +59,6 @@ class BuildPyWithCuda(build_py):
 
 setup(
     packages=find_packages(include=["jax_flash", "jax_flash.*"]),
-    package_data={"jax_flash": ["_lib/*.so"]},
+    package_data={"jax_flash": ["_lib/*.so", "py.typed"]},
     cmdclass={"build_py": BuildPyWithCuda},
 )
