@@ -191,7 +191,8 @@ def _mask_arrays(batched: bool, batch: int, sq: int, sk: int, heads: int,
       if sq != sk:
         raise ValueError(
             "a single segment_ids array needs Sq == Sk; pass a pair "
-            f"(q_ids, kv_ids) for Sq={sq}, Sk={sk}")
+            f"(q_ids, kv_ids) for Sq={sq}, Sk={sk}, got segment_ids of "
+            f"shape {jnp.shape(segment_ids)}")
       q_ids = kv_ids = segment_ids
     q_ids = batch_it(validation.check_mask_array(
         "segment_ids (query ids)", q_ids, lead + (sq,), integer=True))
