@@ -91,6 +91,11 @@ class BuildPyWithCuda(build_py):
       self.exclude_package_data = {}
       # Other commands may have listed the data files already.
       self.data_files = self._get_data_files()
+    else:
+      # Nor may a library that an earlier build copied to the build directory
+      # be packaged.
+      (pathlib.Path(self.build_lib) / "jax_flash" / LIBRARY_DATA).unlink(
+          missing_ok=True)
     super().run()
 
 
