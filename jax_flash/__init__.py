@@ -2,11 +2,12 @@
 
 `flash_attention` is the one entry point; it runs CUDA kernels on NVIDIA GPUs
 and a pure-JAX blockwise implementation with the same O(S) memory everywhere
-else.
+else. `explain` says which of them a call would run, and why.
 """
 
-from jax_flash.attention import flash_attention
+from jax_flash.attention import explain, flash_attention
 from jax_flash.config import MAX_HEAD_DIM, AttentionConfig, MaskArrays
+from jax_flash.dispatch import Explanation
 from jax_flash.first_order import HigherOrderDerivativeError
 from jax_flash.merge import merge_attention_states
 
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "flash_attention",
     "merge_attention_states",
+    "explain",
+    "Explanation",
     "AttentionConfig",
     "MaskArrays",
     "MAX_HEAD_DIM",
