@@ -24,9 +24,11 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import console  # noqa: E402  (sibling script)
 import generate_kernels  # noqa: E402  (sibling script)
 
 REPO = generate_kernels.REPO
@@ -127,15 +129,16 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
     result = subprocess.run(cmd, capture_output=True, text=True)
     with lock:
       done[0] += 1
-      print(f"[{done[0]}/{len(todo)}] {source.relative_to(REPO)}",
-            flush=True)
+      console.say(f"[{done[0]}/{len(todo)}] {source.relative_to(REPO)}")
       if result.stdout.strip() or result.stderr.strip():
-        print(result.stdout + result.stderr, flush=True)
+        console.say(result.stdout + result.stderr)
     if result.returncode != 0:
       raise RuntimeError(f"nvcc failed on {source.relative_to(REPO)}")
 
-  print(f"compiling {len(todo)} of {len(sources)} files for "
-        f"sm_{', sm_'.join(map(str, archs))} with {jobs} jobs", flush=True)
+  started = time.monotonic()
+  console.say(f"jax_flash: compiling {len(todo)} of {len(sources)} CUDA files "
+              f"({_kernels_wanted()}) for sm_{', sm_'.join(map(str, archs))} "
+              f"with {jobs} jobs; JAX_FLASH_BUILD_CUDA=0 skips this build")
   with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
     futures = [pool.submit(compile_one, s, o) for s, o in todo]
     for f in futures:
@@ -146,9 +149,20 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
       o.stat().st_mtime > library.stat().st_mtime for o in objects):
     link = [nvcc, "-shared", "-cudart", "static", *[str(o) for o in objects],
             "-o", str(library)]
-    print(f"linking {library.relative_to(REPO)}", flush=True)
+    console.say(f"linking {library.relative_to(REPO)}")
     subprocess.run(link, check=True)
+  console.say(f"jax_flash: built {library.relative_to(REPO)} "
+              f"({library.stat().st_size / 2**20:.1f} MiB) in "
+              f"{time.monotonic() - started:.0f} s")
   return library
+
+
+def _kernels_wanted() -> str:
+  """The narrowing variables as the build sees them, for its first line."""
+  return ", ".join(
+      f"{name} {os.environ.get(variable) or 'all'}" for name, variable
+      in (("head dims", "JAX_FLASH_HEAD_DIMS"), ("dtypes", "JAX_FLASH_DTYPES"),
+          ("directions", "JAX_FLASH_DIRECTIONS")))
 
 
 def build_from_env(resource_usage: bool = False) -> pathlib.Path:

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_flash import dispatch
+import jax_flash
 from jax_flash.flax.nnx import FlashMultiHeadAttention
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
@@ -194,27 +194,39 @@ def make_train_step(graphdef: nnx.GraphDef,
 
 def generate(model: GPT, config: ModelConfig, prompt: np.ndarray,
              length: int, seed: int) -> np.ndarray:
-  """Samples up to `length` tokens after `prompt` with the attention cache.
+  """Samples `length` tokens after `prompt` with the attention cache.
 
-  The sequence stops at the model's `max_len` positions.
+  The model knows `max_len` positions: when the cache is full, a fresh one
+  is filled with the last `max_len // 2` tokens and sampling goes on from
+  there. Returns the sampled tokens, without the prompt.
   """
-  total = min(len(prompt) + length, config.max_len)
-  for block in model.blocks:
-    block.attention.init_cache((1, total, config.d_model), config.dtype)
+  window = config.max_len
+  keep = max(1, window // 2)
+
+  def fresh_cache() -> None:
+    for block in model.blocks:
+      block.attention.init_cache((1, window, config.d_model), config.dtype)
 
   @nnx.jit
   def next_logits(model, token, position):
     return model(token[None, None], position[None], decode=True)[0, -1]
 
   key = jax.random.key(seed)
-  out = list(prompt)
-  for position in range(total - 1):
-    token = out[position]
-    logits = next_logits(model, jnp.asarray(token), jnp.asarray(position))
-    if position + 1 >= len(out):
+  tokens = list(prompt)
+  start = max(0, len(tokens) - keep)  # tokens[start] sits at position 0
+  position = 0
+  fresh_cache()
+  while len(tokens) < len(prompt) + length:
+    if position == window:
+      start, position = len(tokens) - keep, 0
+      fresh_cache()
+    logits = next_logits(model, jnp.asarray(tokens[start + position]),
+                         jnp.asarray(position))
+    position += 1
+    if start + position == len(tokens):  # the context is in: sample
       key, sub = jax.random.split(key)
-      out.append(int(jax.random.categorical(sub, logits / 0.8)))
-  return np.asarray(out)
+      tokens.append(int(jax.random.categorical(sub, logits / 0.8)))
+  return np.asarray(tokens[len(prompt):])
 
 
 def peak_memory() -> str:
@@ -291,9 +303,14 @@ def describe(args: argparse.Namespace, params: nnx.State) -> None:
         f"devices={jax.device_count()} params={num_params / 1e6:.2f}M "
         f"batch={args.batch_size} seq_len={args.seq_len} dtype={args.dtype}")
   if args.attention == "flash":
-    reason = dispatch.cuda_unavailable_reason()
-    print("jax_flash: " + ("CUDA kernels" if reason is None else
-                           f"blockwise path ({reason})"))
+    heads = args.num_heads
+    shape = (args.batch_size, args.seq_len, heads, args.d_model // heads)
+    q = jax.ShapeDtypeStruct(shape, args.dtype)
+    kv = jax.ShapeDtypeStruct(shape[:2] + (args.num_kv_heads or heads,)
+                              + shape[3:], args.dtype)
+    choice = jax_flash.explain(q, kv, kv, causal=True)
+    print("jax_flash: " + ("CUDA kernels" if choice.implementation == "cuda"
+                           else f"blockwise path ({choice.reason})"))
 
 
 def train(args: argparse.Namespace, corpus: Corpus, step_fn: Any,
@@ -378,9 +395,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     print(f"saved the weights to {args.save}")
   if args.sample > 0:
     model = nnx.merge(graphdef, params)
-    text = corpus.decode(generate(model, config, corpus.valid[:16],
-                                  args.sample, args.seed))
-    print("sample:\n" + text)
+    prompt = corpus.valid[:16]
+    text = corpus.decode(generate(model, config, prompt, args.sample,
+                                  args.seed))
+    print(f"prompt ({len(prompt)} characters of the validation text):\n"
+          f"{corpus.decode(prompt)}\n"
+          f"sample ({len(text)} characters generated after the prompt):\n"
+          f"{text}")
   return result
 
 

@@ -103,6 +103,42 @@ def flash_attention(
   return (out, lse) if return_lse else out
 
 
+def explain(query: jax.Array, key: jax.Array, value: jax.Array, *,
+            implementation: Implementation = None, return_lse: bool = False,
+            **options: Any) -> dispatch.Explanation:
+  """Which implementation `flash_attention` would run for this call, and why.
+
+  Takes exactly the arguments of `flash_attention` and checks them the same
+  way (raising the same errors), but computes nothing. Works on every
+  platform: on a machine without a GPU or without the compiled CUDA library
+  it says "xla" and why, and whether the kernels would cover these arguments
+  on a GPU (`cuda_covers_arguments`).
+
+  Args:
+    query, key, value: as for `flash_attention`; a `jax.ShapeDtypeStruct`
+      serves as well as an array.
+    implementation: as for `flash_attention`; "cuda" is explained, not
+      raised, when the kernels cannot serve the call.
+    return_lse: accepted so that the same keywords can be passed; it does not
+      change the choice.
+    **options: the other keyword arguments of `flash_attention`.
+
+  Returns:
+    An `Explanation`: `implementation` ("cuda", "xla" or "reference") and a
+    one-sentence `reason`.
+
+  Example (on a GPU):
+    >>> jax_flash.explain(q, k, v, causal=True, dropout_rate=0.1,
+    ...                   dropout_rng=jax.random.key(0))
+    Explanation(implementation='xla', reason='the CUDA kernels do not cover
+    dropout_rate > 0', cuda_covers_arguments=False)
+  """
+  del return_lse
+  validation.check_implementation(implementation)
+  call = normalize_arguments(query, key, value, **options)
+  return dispatch.explain(implementation, *call[:5])
+
+
 class NormalizedCall(NamedTuple):
   """`flash_attention`'s arguments after validation, batch dim included."""
 
@@ -191,7 +227,8 @@ def _mask_arrays(batched: bool, batch: int, sq: int, sk: int, heads: int,
       if sq != sk:
         raise ValueError(
             "a single segment_ids array needs Sq == Sk; pass a pair "
-            f"(q_ids, kv_ids) for Sq={sq}, Sk={sk}")
+            f"(q_ids, kv_ids) for Sq={sq}, Sk={sk}, got segment_ids of "
+            f"shape {jnp.shape(segment_ids)}")
       q_ids = kv_ids = segment_ids
     q_ids = batch_it(validation.check_mask_array(
         "segment_ids (query ids)", q_ids, lead + (sq,), integer=True))

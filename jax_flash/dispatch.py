@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Optional
 
@@ -35,6 +36,52 @@ def cuda_unavailable_reason() -> Optional[str]:
   return cuda.unavailable_reason()
 
 
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+  """Which implementation serves an attention call, and why.
+
+  Attributes:
+    implementation: "cuda" (the CUDA kernels), "xla" (the pure-JAX blockwise
+      path) or "reference".
+    reason: one sentence saying why this implementation and not the CUDA
+      kernels (or, for "cuda", that they cover the call).
+    cuda_covers_arguments: whether the CUDA kernels cover these arguments,
+      whether or not they can run here: on a CPU this says if the same call
+      would run the kernels on a GPU with this build.
+  """
+
+  implementation: str
+  reason: str
+  cuda_covers_arguments: bool
+
+
+def explain(implementation: Optional[str], q: jax.Array, k: jax.Array,
+            v: jax.Array, config: AttentionConfig,
+            masks: MaskArrays) -> Explanation:
+  """The implementation `select` picks for these (validated, batched)
+  arguments, with the reason."""
+  cuda = _cuda_module()
+  unsupported = (None if cuda is None else
+                 cuda.unsupported_reason(q, k, v, config, masks))
+  covers = cuda is not None and unsupported is None
+  if implementation in ("reference", "xla"):
+    return Explanation(implementation,
+                       f"implementation={implementation!r} was asked for",
+                       covers)
+  unavailable = cuda_unavailable_reason()
+  if unavailable is None and unsupported is None:
+    return Explanation("cuda", "the CUDA kernels cover these arguments on "
+                       "this GPU", True)
+  if unavailable is None:
+    reason = f"the CUDA kernels do not cover {unsupported}"
+  elif unsupported is None:
+    reason = unavailable
+  else:
+    reason = (f"{unavailable}; the kernels would not cover {unsupported} "
+              "either")
+  return Explanation("xla", reason, covers)
+
+
 def select(implementation: Optional[str], q: jax.Array, k: jax.Array,
            v: jax.Array, config: AttentionConfig,
            masks: MaskArrays) -> Attend:
@@ -44,21 +91,16 @@ def select(implementation: Optional[str], q: jax.Array, k: jax.Array,
   blockwise path, logging once per reason when the kernels were available
   but these arguments are not covered. An explicit "cuda" raises instead.
   """
-  if implementation == "reference":
-    return reference_attention
-  if implementation == "xla":
-    return blockwise_attention
-  unavailable = cuda_unavailable_reason()
-  unsupported = None
-  if unavailable is None:
-    unsupported = _cuda_module().unsupported_reason(q, k, v, config, masks)
-    if unsupported is None:
-      return _cuda_module().attention
+  choice = explain(implementation, q, k, v, config, masks)
+  if choice.implementation == "cuda":
+    return _cuda_module().attention
   if implementation == "cuda":
     raise ValueError("implementation='cuda' cannot serve this call: "
-                     f"{unavailable or unsupported}")
-  if unsupported is not None and unsupported not in _logged_fallbacks:
-    _logged_fallbacks.add(unsupported)
+                     f"{choice.reason}")
+  fell_back = implementation is None and cuda_unavailable_reason() is None
+  if fell_back and choice.reason not in _logged_fallbacks:
+    _logged_fallbacks.add(choice.reason)
     logger.warning("jax_flash: using the blockwise path because %s",
-                   unsupported)
-  return blockwise_attention
+                   choice.reason)
+  return {"reference": reference_attention,
+          "xla": blockwise_attention}[choice.implementation]

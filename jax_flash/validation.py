@@ -42,8 +42,8 @@ def check_qkv(query: Any, key: Any, value: Any) -> None:
         f"{_describe(query)}, key {_describe(key)}, value {_describe(value)}")
   if not query.dtype == key.dtype == value.dtype:
     raise TypeError(
-        "query, key and value must have the same dtype, got "
-        f"{query.dtype}, {key.dtype} and {value.dtype}")
+        "query, key and value must have the same dtype, got query "
+        f"{_describe(query)}, key {_describe(key)}, value {_describe(value)}")
   batched = query.ndim == 4
   if batched and not query.shape[0] == key.shape[0] == value.shape[0]:
     raise ValueError(
@@ -64,17 +64,20 @@ def check_qkv(query: Any, key: Any, value: Any) -> None:
     raise ValueError(
         f"query and key must have the same head dim, got query "
         f"{_describe(query)} and key {_describe(key)}")
-  for name, size in (("query", sq), ("key", sk)):
+  for name, x, size in (("query", query, sq), ("key", key, sk)):
     if size < 1:
-      raise ValueError(f"{name} length must be at least 1, got {size}")
+      raise ValueError(
+          f"{name} length must be at least 1, got {name} {_describe(x)}")
   if kv_heads < 1 or heads % kv_heads:
     raise ValueError(
         f"the number of query heads ({heads}) must be a multiple of the "
-        f"number of key/value heads ({kv_heads})")
-  for name, size in (("query/key", d), ("value", dv)):
+        f"number of key/value heads ({kv_heads}), got query "
+        f"{_describe(query)} and key {_describe(key)}")
+  for name, x, size in (("query", query, d), ("value", value, dv)):
     if not 1 <= size <= MAX_HEAD_DIM:
       raise ValueError(
-          f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {size}")
+          f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {name} "
+          f"{_describe(x)}")
 
 
 def check_static_float(name: str, value: Any, *, positive: bool = False
@@ -82,11 +85,13 @@ def check_static_float(name: str, value: Any, *, positive: bool = False
   """A Python number (or None) that selects the compiled program."""
   if value is None:
     return None
-  if isinstance(value, jax.core.Tracer) or not isinstance(
-      value, (numbers.Real, np.ndarray, np.generic)) or isinstance(value, bool):
-    raise TypeError(
-        f"{name} must be a Python float known at trace time, got "
-        f"{type(value).__name__}")
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} must be a Python float known at trace time, "
+                    f"got a traced value of {_describe(value)}")
+  if not isinstance(value, (numbers.Real, np.ndarray, np.generic)) or (
+      isinstance(value, bool)):
+    raise TypeError(f"{name} must be a Python float known at trace time, "
+                    f"got {type(value).__name__} {value!r}")
   value = float(value)
   if not math.isfinite(value) or (positive and value <= 0):
     kind = "a positive finite" if positive else "a finite"
@@ -118,7 +123,8 @@ def check_dropout(rate: Any, rng: Any) -> float:
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
   if rate > 0 and rng is None:
-    raise ValueError("dropout_rate > 0 needs a dropout_rng key")
+    raise ValueError(
+        f"dropout_rate={rate} needs a dropout_rng key, got dropout_rng=None")
   return rate
 
 

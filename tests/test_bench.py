@@ -139,8 +139,12 @@ def test_ratio_uses_best_of_each_side_and_ignores_failed_checks():
   assert "Headline: D = 128, S = 1k" in text
 
 
-def test_quick_run_writes_every_record(tmp_path):
+def test_quick_run_writes_every_record(tmp_path, capsys):
   bench_main.main(["--quick", "--no-plots", "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  assert "skipped:" not in printed
+  assert "MHA D=32 causal S=64, forward: jax_flash blockwise" in printed
+  assert printed.count("\n") < 40
   results = json.loads((tmp_path / "results.json").read_text())
   records = results["records"]
   assert results["environment"]["backend"] == jax.default_backend()

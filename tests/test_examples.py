@@ -33,13 +33,22 @@ def test_train_lm_loss_falls_from_the_same_start(train_lm, capsys):
   xla = train_lm.main(TINY + gqa + ["--attention", "xla", "--sample", "0"])
   printed = capsys.readouterr().out
   assert "tokens/s" in printed and "peak memory" in printed
-  assert "sample:" in printed
+  assert "sample (8 characters generated after the prompt):" in printed
   for result in (flash, xla):
     assert result["final_loss"] < result["first_loss"] - 0.1
     assert math.isfinite(result["valid_loss"])
     assert result["tokens_per_s"] > 0
   # Both attention layers have the same parameters, hence the same start.
   assert abs(xla["first_loss"] - flash["first_loss"]) < 1e-4
+
+
+def test_sample_is_as_long_as_asked_past_the_context(train_lm):
+  args = train_lm.make_parser().parse_args(TINY + ["--seq-len", "8"])
+  corpus = train_lm.Corpus.load()
+  model, config = train_lm.build(args, corpus)
+  sample = train_lm.generate(model, config, corpus.valid[:5], 21, seed=0)
+  assert sample.shape == (21,)
+  assert 0 <= sample.min() and sample.max() < len(corpus.chars)
 
 
 def test_sharded_training_attention_adds_no_collective():

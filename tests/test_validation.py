@@ -58,6 +58,26 @@ def test_bad_arguments(kwargs, error, pattern):
     call(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(k=jnp.zeros((2, 10, 3, 16)), v=jnp.zeros((2, 10, 3, 16))),
+     r"query shape \(2, 8, 4, 16\).*key shape \(2, 10, 3, 16\)"),
+    (dict(q=jnp.zeros((2, 8, 4, 300)), k=jnp.zeros((2, 10, 2, 300))),
+     r"query head dim .* got query shape \(2, 8, 4, 300\)"),
+    (dict(v=jnp.zeros((2, 10, 2, 257))),
+     r"value head dim .* got value shape \(2, 10, 2, 257\)"),
+    (dict(q=jnp.zeros((2, 0, 4, 16))), r"query shape \(2, 0, 4, 16\)"),
+    (dict(k=K.astype(jnp.bfloat16)),
+     r"query shape .*float32.*key shape \(2, 10, 2, 16\) and dtype bfloat16"),
+    (dict(dropout_rate=0.25), r"dropout_rate=0.25 .*dropout_rng=None"),
+    (dict(softmax_scale="a"), r"got str 'a'"),
+    (dict(segment_ids=jnp.zeros((2, 8), jnp.int32)),
+     r"got segment_ids of shape \(2, 8\)"),
+])
+def test_errors_name_the_shapes_and_values_they_got(kwargs, pattern):
+  with pytest.raises((TypeError, ValueError), match=pattern):
+    call(**kwargs)
+
+
 def test_none_options_mean_off():
   out = call(dropout_rate=None, softcap=None, window_size=None,
              softmax_scale=None)

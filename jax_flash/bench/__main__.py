@@ -172,7 +172,18 @@ def _run_isolated(args: argparse.Namespace, command: str) -> None:
   records, _ = load_results(paths)
   environment_now = environment.describe(command)
   write_outputs(records, environment_now, args.out, not args.no_plots)
-  print(report.markdown(records, environment_now))
+  print_report(records, environment_now, args)
+
+
+def print_report(records: list[dict[str, Any]], env: dict[str, Any],
+                 args: argparse.Namespace) -> None:
+  """The tables, or with --quick a short summary (results.md has the
+  tables)."""
+  if args.quick:
+    print(report.summary(records))
+    print(f"tables: {args.out / 'results.md'}")
+  else:
+    print(report.markdown(records, env))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -192,7 +203,10 @@ def main(argv: Optional[list[str]] = None) -> None:
   settings = runner.Settings(
       rounds=args.rounds, calls=args.calls, warmup=args.warmup,
       max_round_seconds=args.max_round_seconds, modes=tuple(args.modes),
-      compile_threads=args.compile_threads)
+      compile_threads=args.compile_threads,
+      # --quick (on a CPU most implementations cannot run) gives the
+      # reasons once, in the summary, not once per case and mode.
+      log_skipped=not args.quick)
   impls = implementations.by_name(args.impls)
   env = environment.describe(command)
   start = time.monotonic()
@@ -204,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     records += runner.run_case(case, impls, settings, seed=index)
     write_outputs(records, env, args.out, with_plots=False)
   write_outputs(records, env, args.out, not args.no_plots)
-  print(report.markdown(records, env))
+  print_report(records, env, args)
 
 
 if __name__ == "__main__":

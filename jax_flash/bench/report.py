@@ -3,7 +3,8 @@
 Every table has one row per problem and one column per implementation that
 ran at least once in it, then the ratio of the best jax_flash implementation
 to the best other one measured in the same run. Implementations that were
-skipped are listed under the table with the reason.
+skipped are listed under the table with the reason. `summary` is the short
+form for a terminal, as `--quick` prints it.
 """
 
 from __future__ import annotations
@@ -186,4 +187,37 @@ def markdown(records: list[Record], environment: dict[str, Any]) -> str:
                   "TFLOP/s", ""]
         lines += _table(chosen, _training_row, ["D", "mask", "S"], "tflops")
   lines += _memory_table(records)
+  return "\n".join(lines)
+
+
+def summary(records: list[Record]) -> str:
+  """A few lines: one per measured (problem, mode) with every value and the
+  ratio, then one line per implementation that did not run, with why."""
+  groups: dict[tuple, list[Record]] = collections.OrderedDict()
+  for record in records:
+    kind = record["case"]["kind"]
+    if kind == "decode":
+      problem = "decoding B={} Sq={} {} Sk={}".format(*_decode_row(record))
+    else:
+      problem = "{} D={} {} S={}".format(KIND_TITLES[kind],
+                                         *_training_row(record))
+    groups.setdefault((kind, problem, record["mode"]), []).append(record)
+  lines = []
+  for (kind, problem, mode), group in groups.items():
+    metric, unit = ("gbps", "GB/s") if kind == "decode" else ("tflops",
+                                                              "TFLOP/s")
+    values = ", ".join(f"{r['label']} {_cell(r, metric)}" for r in group
+                       if r["status"] == "ok")
+    if not values:
+      continue
+    ratio = best_ratio(group, metric)
+    ratio_text = "" if ratio is None else f" (jax_flash / best other {ratio:.2f}×)"
+    lines.append(f"{problem}, {MODE_TITLES[mode]}: {values} {unit}{ratio_text}")
+  reasons: dict[str, dict[str, None]] = collections.OrderedDict()
+  for record in records:
+    if record["status"] != "ok":
+      reasons.setdefault(record["label"], {})[record["note"]] = None
+  if reasons:
+    lines += ["Not run here:"] + [f"- {label}: {'; '.join(notes)}"
+                                  for label, notes in reasons.items()]
   return "\n".join(lines)

@@ -36,6 +36,7 @@ class Settings:
     modes: which of "fwd", "bwd", "fwd_bwd" to measure.
     compile_threads: JAX programs of one case compiled concurrently.
     seed: base PRNG seed of the inputs.
+    log_skipped: log a line for each record that was not measured too.
   """
 
   rounds: int = 5
@@ -45,6 +46,7 @@ class Settings:
   modes: tuple[str, ...] = MODES
   compile_threads: int = 8
   seed: int = 0
+  log_skipped: bool = True
 
   def timing_options(self) -> dict[str, Any]:
     """Keyword arguments of `timing.time_calls`."""
@@ -132,7 +134,8 @@ def run_case(case: Case, impls: list[Implementation], settings: Settings,
     impls: implementations to try.
     settings: measurement settings.
     seed: PRNG seed of this case's inputs.
-    log: receives one line per record.
+    log: receives one line per record (per measured record unless
+      settings.log_skipped).
 
   Returns:
     One record per (implementation, mode).
@@ -167,7 +170,8 @@ def run_case(case: Case, impls: list[Implementation], settings: Settings,
       record = _measure_one(impl, variant, mode, reason, compiled, inputs,
                             settings, seed)
       records.append(record)
-      log(_log_line(record, variant))
+      if record["status"] == "ok" or settings.log_skipped:
+        log(_log_line(record, variant))
   return records
 
 

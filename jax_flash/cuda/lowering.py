@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_flash.config import AttentionConfig
+from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library
 
 MASK_OPERANDS = (("alibi_slopes", jnp.float32),
@@ -86,3 +86,10 @@ def backward_call(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
                                deterministic=bool(config.deterministic),
                                **_attributes(config))
   return (dq, dk, dv, dalibi) if has_alibi else (dq, dk, dv)
+
+
+def given_masks(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
+  """The mask arrays that are present, and their names."""
+  names = tuple(name for name, _ in MASK_OPERANDS
+                if getattr(masks, name) is not None)
+  return [getattr(masks, name) for name in names], names

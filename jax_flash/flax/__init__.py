@@ -9,7 +9,14 @@
   the fast path.
 """
 
-from jax_flash.flax import linen, nnx
+try:
+  import flax  # noqa: F401  (imported first to name the missing extra)
+except ImportError as e:
+  raise ImportError(
+      'jax_flash.flax needs Flax, which is not installed: pip install '
+      '"jax_flash[flax]"') from e
+
+from jax_flash.flax import linen, nnx  # noqa: E402
 from jax_flash.flax.attention_fn import dot_product_attention
 
 __all__ = ["dot_product_attention", "linen", "nnx"]

@@ -81,9 +81,11 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
         implementation=implementation)
   else:
     if implementation == "cuda":
-      raise ValueError("implementation='cuda' cannot serve a dense mask or "
-                       "bias; express the mask as causal, window_size, "
-                       "segment_ids or sequence lengths")
+      given = ", ".join(f"{name} of shape {jnp.shape(x)}" for name, x in
+                        (("mask", mask), ("bias", bias)) if x is not None)
+      raise ValueError(f"implementation='cuda' cannot serve a dense mask or "
+                       f"bias, got {given}; express the mask as causal, "
+                       "window_size, segment_ids or sequence lengths")
     _, _, _, config, masks, _ = normalize_arguments(
         q, k, v, causal=causal, window_size=window_size, segment_ids=ids,
         q_seq_lengths=q_len, kv_seq_lengths=kv_len, dropout_rate=dropout_rate,
@@ -115,7 +117,8 @@ def _fold_segment_ids(segment_ids: SegmentIds, batch_shape: tuple[int, ...],
     q_ids = kv_ids = segment_ids
   else:
     raise ValueError("a single segment_ids array needs Sq == Sk; pass a pair "
-                     f"(q_ids, kv_ids) for Sq={sq}, Sk={sk}")
+                     f"(q_ids, kv_ids) for Sq={sq}, Sk={sk}, got segment_ids "
+                     f"of shape {jnp.shape(segment_ids)}")
   folded = []
   for name, ids, length in (("query", q_ids, sq), ("key", kv_ids, sk)):
     ids = jnp.asarray(ids)
@@ -160,10 +163,12 @@ def key_value_inputs(inputs_q: jax.Array, inputs_k: Optional[jax.Array],
   Also refuses `sow_weights`, which jax_flash's layers cannot honour.
   """
   if sow_weights:
-    raise ValueError("FlashMultiHeadAttention cannot sow attention weights: "
-                     "jax_flash never materializes them")
+    raise ValueError("FlashMultiHeadAttention cannot sow attention weights "
+                     "(got sow_weights=True): jax_flash never materializes "
+                     "them")
   if inputs_k is None:
     if inputs_v is not None:
-      raise ValueError("inputs_k cannot be None when inputs_v is given")
+      raise ValueError("inputs_k cannot be None when inputs_v is given, got "
+                       f"inputs_v of shape {inputs_v.shape}")
     inputs_k = inputs_q
   return inputs_k, inputs_k if inputs_v is None else inputs_v

@@ -102,8 +102,10 @@ def dot_product_attention(
   """
   if module is not None:
     raise ValueError(
-        "jax_flash.flax.dot_product_attention cannot sow attention weights: "
-        "it never materializes the (batch, H, Sq, Sk) weights. Call the "
+        "jax_flash.flax.dot_product_attention cannot sow attention weights "
+        f"(got module={type(module).__name__}, which Flax passes for "
+        "sow_weights=True): it never materializes the (batch, H, Sq, Sk) "
+        "weights. Call the "
         "layer with sow_weights=False, or use Flax's own "
         "dot_product_attention for the calls that need the weights.")
   unknown = sorted(name for name, value in newer_flax_keywords.items()

@@ -1,23 +1,24 @@
 """Checks and times the CUDA backward kernels through `jax_flash_bwd` itself.
 
-The handlers are registered straight from a built library and called with
-`jax.ffi.ffi_call`, without jax_flash's primitives, so a failure here points
-at csrc/. out and lse come from the library's forward when it has one, else
-from the float32 reference. Gradients are held to FlashAttention's rule
-against `jax.vjp` of the float32 reference: err <= 2 * err(reference in the
-input dtype) + atol * max|reference gradient|.
+The handlers are registered from a built library by jax_flash's loader and
+called as jax_flash.cuda.lowering emits them, without jax_flash's primitives
+(kernel_calls.py), so a failure here points at csrc/. out and lse come from
+the library's forward when it has one, else from the float32 reference.
+Gradients are held to FlashAttention's rule against `jax.vjp` of the float32
+reference: err <= 2 * err(reference in the input dtype) + atol *
+max|reference gradient|.
 
 Run on a GPU machine, from the repository root:
-  PYTHONPATH=. python3 build/check_bwd.py --library PATH [--out DIR]
+  PYTHONPATH=. python3 tools/gpu/check_bwd.py [--library PATH] [--out DIR]
     [--skip-timing]
 Prints one line per check, then a timing table against PyTorch SDPA's
-FlashAttention-2 backend; writes the full log to DIR/check_bwd.json.
+FlashAttention-2 backend (timing, FLOP counts and the PyTorch runner of
+jax_flash.bench); writes the full log to DIR/check_bwd.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import pathlib
@@ -28,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernel_calls
 from jax_flash.bench import flops, timing
 from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import library as cuda_library
 from jax_flash.reference import reference_attention
 
 ATOL = {jnp.bfloat16: 1e-3, jnp.float16: 1e-4}
@@ -77,75 +80,9 @@ class Problem:
                            deterministic=self.deterministic)
 
 
-class Library:
-  """The built library with its handlers registered under their names."""
-
-  def __init__(self, path: str):
-    self.lib = ctypes.CDLL(path)
-    self.lib.jax_flash_bwd_workspace_bytes.restype = ctypes.c_int64
-    self.lib.jax_flash_bwd_workspace_bytes.argtypes = [ctypes.c_int64] * 7 + [
-        ctypes.c_int32]
-    jax.ffi.register_ffi_target(
-        "jax_flash_bwd", jax.ffi.pycapsule(self.lib.JaxFlashBwd),
-        platform="CUDA")
-    self.has_forward = hasattr(self.lib, "JaxFlashFwd")
-    if self.has_forward:
-      jax.ffi.register_ffi_target(
-          "jax_flash_fwd", jax.ffi.pycapsule(self.lib.JaxFlashFwd),
-          platform="CUDA")
-
-  def workspace_bytes(self, q, k, deterministic: bool) -> int:
-    """`jax_flash_bwd_workspace_bytes` for these shapes."""
-    b, sq, h, d = q.shape
-    _, sk, hkv, _ = k.shape
-    return int(self.lib.jax_flash_bwd_workspace_bytes(b, sq, sk, h, hkv, d,
-                                                      d, int(deterministic)))
-
-
-def _mask_operands(masks: MaskArrays) -> list[jax.Array]:
-  """The five optional mask operands, empty where absent."""
-  def given(x, dtype):
-    return jnp.zeros((0,), dtype) if x is None else x
-  return [given(masks.alibi_slopes, jnp.float32),
-          given(masks.q_segment_ids, jnp.int32),
-          given(masks.kv_segment_ids, jnp.int32),
-          given(masks.q_lengths, jnp.int32),
-          given(masks.kv_lengths, jnp.int32)]
-
-
-def _attributes(config: AttentionConfig) -> dict[str, Any]:
-  left, right = config.effective_window
-  return dict(softmax_scale=np.float32(config.softmax_scale),
-              window_left=np.int32(left), window_right=np.int32(right),
-              softcap=np.float32(config.softcap))
-
-
-def forward(q, k, v, config: AttentionConfig, masks: MaskArrays):
-  """`jax_flash_fwd`: (out, lse)."""
-  b, sq, h, _ = q.shape
-  results = (jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype),
-             jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
-  return jax.ffi.ffi_call("jax_flash_fwd", results)(
-      q, k, v, *_mask_operands(masks), **_attributes(config))
-
-
-def backward(library: Library, q, k, v, out, dout, lse,
-             config: AttentionConfig, masks: MaskArrays):
-  """`jax_flash_bwd`: (dq, dk, dv, dalibi)."""
-  b, _, h, _ = q.shape
-  dalibi = (b, h) if masks.alibi_slopes is not None else (0,)
-  results = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-             jax.ShapeDtypeStruct(k.shape, k.dtype),
-             jax.ShapeDtypeStruct(v.shape, v.dtype),
-             jax.ShapeDtypeStruct(dalibi, jnp.float32),
-             jax.ShapeDtypeStruct(
-                 (library.workspace_bytes(q, k, config.deterministic),),
-                 jnp.uint8))
-  dq, dk, dv, dalibi, _ = jax.ffi.ffi_call("jax_flash_bwd", results)(
-      q, k, v, out, dout, lse, *_mask_operands(masks),
-      jnp.zeros((0,), jnp.float32),  # dlse: none (the pytest suite covers it)
-      deterministic=bool(config.deterministic), **_attributes(config))
-  return dq, dk, dv, dalibi
+def has_forward(library: cuda_library.Library) -> bool:
+  """Whether the library has the forward kernel the timed problems use."""
+  return ("fwd", "bf16", 128) in library.build_info.kernels
 
 
 def make_inputs(problem: Problem, seed: int):
@@ -185,13 +122,7 @@ def reference_grads(q, k, v, dout, config, masks, upcast: bool):
   return vjp(dout.astype(jnp.float32))
 
 
-def max_abs_err(a, b) -> float:
-  """max |a - b|; inf on NaN."""
-  diff = jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))
-  return float(jnp.max(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
-
-
-def check(library: Library, problem: Problem, seed: int,
+def check(problem: Problem, seed: int,
           use_forward: bool = False) -> dict[str, Any]:
   """Runs one problem; returns errors, budgets and the verdict.
 
@@ -201,10 +132,11 @@ def check(library: Library, problem: Problem, seed: int,
   q, k, v, dout, masks = make_inputs(problem, seed)
   config = problem.config()
   if use_forward:
-    out, lse = jax.jit(forward, static_argnums=3)(q, k, v, config, masks)
+    out, lse = jax.jit(kernel_calls.forward, static_argnums=3)(
+        q, k, v, config, masks)
   else:
     out, lse = reference_attention(q, k, v, config, masks)
-  run = jax.jit(lambda *a: backward(library, *a, config, masks))
+  run = jax.jit(lambda *a: kernel_calls.backward(*a, config, masks))
   got = run(q, k, v, out, dout, lse)
   grads = jax.jit(reference_grads, static_argnames=("config", "upcast"))
   exact = grads(q, k, v, dout, config=config, masks=masks, upcast=True)
@@ -217,7 +149,7 @@ def check(library: Library, problem: Problem, seed: int,
       continue
     atol = ATOL[jnp.dtype(problem.dtype).type] * max(
         1.0, float(jnp.max(jnp.abs(e))))
-    err, budget = max_abs_err(a, e), 2 * max_abs_err(l, e) + atol
+    err, budget = kernel_calls.max_abs_err(a, e), 2 * kernel_calls.max_abs_err(l, e) + atol
     record[name] = (err, budget)
     record["ok"] &= err <= budget
   if problem.deterministic:
@@ -265,7 +197,7 @@ def _time_jax(fn, args_sets) -> timing.Timing:
                            jax.block_until_ready)
 
 
-def bench(library: Library, seq_len: int, causal: bool,
+def bench(library: cuda_library.Library, seq_len: int, causal: bool,
           torch_impls: Optional[list]) -> dict[str, Any]:
   """Times bwd and fwd+bwd at D=128, 16 heads, B*S = 16k tokens."""
   batch, heads, d = max(1, 16384 // seq_len), 16, 128
@@ -276,17 +208,17 @@ def bench(library: Library, seq_len: int, causal: bool,
   for s in range(timing.input_sets_needed(per_set)):
     q, k, v, dout, masks = make_inputs(problem, s)
     sets.append((q, k, v, dout))
-  fwd = jax.jit(lambda q, k, v: forward(q, k, v, config, masks))
-  bwd = jax.jit(lambda q, k, v, o, do, lse: backward(
-      library, q, k, v, o, do, lse, config, masks)[:3])
+  fwd = jax.jit(lambda q, k, v: kernel_calls.forward(q, k, v, config, masks))
+  bwd = jax.jit(lambda q, k, v, o, do, lse: kernel_calls.backward(
+      q, k, v, o, do, lse, config, masks)[:3])
 
   def fwd_bwd(q, k, v, do):
-    out, lse = forward(q, k, v, config, masks)
-    return backward(library, q, k, v, out, do, lse, config, masks)[:3]
+    out, lse = kernel_calls.forward(q, k, v, config, masks)
+    return kernel_calls.backward(q, k, v, out, do, lse, config, masks)[:3]
 
   bwd_sets = []
   for q, k, v, do in sets:
-    out, lse = (fwd(q, k, v) if library.has_forward
+    out, lse = (fwd(q, k, v) if has_forward(library)
                 else reference_attention(q, k, v, config, masks))
     bwd_sets.append((q, k, v, out, do, lse))
   row: dict[str, Any] = {"S": seq_len, "B": batch, "causal": causal}
@@ -297,7 +229,7 @@ def bench(library: Library, seq_len: int, causal: bool,
   row["bwd_ms"] = t.seconds * 1e3
   row["bwd_tflops"] = work["bwd"] / t.seconds / 1e12
   row["bwd_spread"] = t.spread
-  if library.has_forward:
+  if has_forward(library):
     t = _time_jax(jax.jit(fwd_bwd), sets)
     row["fwd_bwd_ms"] = t.seconds * 1e3
     row["fwd_bwd_tflops"] = work["fwd_bwd"] / t.seconds / 1e12
@@ -316,7 +248,8 @@ def bench(library: Library, seq_len: int, causal: bool,
 def main(argv: Optional[list[str]] = None) -> int:
   """Command line; returns the exit status (1 if a check failed)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--library", required=True)
+  parser.add_argument("--library", type=pathlib.Path,
+                      default=cuda_library.library_path())
   parser.add_argument("--out", type=pathlib.Path, default=None)
   parser.add_argument("--skip-timing", action="store_true")
   parser.add_argument("--no-torch", action="store_true",
@@ -326,13 +259,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="checks to run: a slice of the list (26: or :0) "
                       "or comma-separated indices")
   args = parser.parse_args(argv)
-  library = Library(args.library)
+  library = kernel_calls.load(args.library)
   print(f"device: {jax.devices()[0].device_kind}; forward from "
-        f"{'the library' if library.has_forward else 'the reference'}",
+        f"{'the library' if has_forward(library) else 'the reference'}",
         flush=True)
   records, failures = [], 0
   todo = [(problem, False) for problem in problems()]
-  if library.has_forward:
+  if has_forward(library):
     todo += [(Problem(2, 1000, 1000, 4, 4, 128, causal=causal), True)
              for causal in (False, True)]
   numbered = list(enumerate(todo))
@@ -344,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     numbered = [numbered[int(i)] for i in args.checks.split(",")]
   for seed, (problem, use_forward) in numbered:
     try:
-      record = check(library, problem, seed, use_forward)
+      record = check(problem, seed, use_forward)
     except Exception as e:  # pylint: disable=broad-except
       record = {"problem": problem.label(), "ok": False, "error": repr(e)}
     records.append(record)

@@ -1,11 +1,13 @@
 """GPU check of the CUDA forward kernel: correctness against the float32
 reference, then speed against PyTorch's FlashAttention-2 (sdpa flash backend).
 
-Calls the handler directly through `jax.ffi.ffi_call("jax_flash_fwd", ...)`
-(no jax_flash.cuda glue), so it tests csrc/ alone. Needs a GPU, the built
-jax_flash/_lib/libjax_flash_cuda.so, and torch for the timings.
+Calls the handler directly, as jax_flash.cuda.lowering emits it (no
+padding, batching or custom VJP: see kernel_calls.py), so it tests csrc/
+alone. Needs a GPU, the built jax_flash/_lib/libjax_flash_cuda.so, and torch
+for the timings, which go through jax_flash.bench (timing, FLOP counts and
+PyTorch runner).
 
-  PYTHONPATH=. python3 build/check_fwd.py [--skip-timing] [--log DIR]
+  PYTHONPATH=. python3 tools/gpu/check_fwd.py [--skip-timing] [--log DIR]
 
 Rule per case: err(kernel) <= 2 * err(reference in the input dtype) + atol,
 errors measured against the float32 reference; out and lse both; every
@@ -15,56 +17,22 @@ output element finite (lse -inf exactly where the reference has -inf).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import pathlib
 import sys
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernel_calls
+from jax_flash.bench import cases as bench_cases
+from jax_flash.bench import flops, implementations, timing, torch_runner
 from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import library
 from jax_flash.reference import reference_attention
-
-LIB = (pathlib.Path(__file__).resolve().parent.parent / "jax_flash" / "_lib" /
-       "libjax_flash_cuda.so")
-
-
-def register(path: pathlib.Path) -> str:
-  """Loads the library, registers jax_flash_fwd; returns its build info."""
-  lib = ctypes.CDLL(str(path))
-  lib.jax_flash_build_info.restype = ctypes.c_char_p
-  jax.ffi.register_ffi_target("jax_flash_fwd",
-                              jax.ffi.pycapsule(lib.JaxFlashFwd),
-                              platform="CUDA")
-  return lib.jax_flash_build_info().decode()
-
-
-def empty(dtype) -> jax.Array:
-  return jnp.zeros((0,), dtype)
-
-
-def kernel_fwd(q, k, v, cfg: AttentionConfig, masks: MaskArrays):
-  """out, lse from the custom call."""
-  b, sq, h, _ = q.shape
-  left, right = cfg.effective_window
-  call = jax.ffi.ffi_call(
-      "jax_flash_fwd",
-      (jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
-       jax.ShapeDtypeStruct((b, h, sq), jnp.float32)))
-  opt = lambda x, dt: empty(dt) if x is None else x
-  return call(q, k, v, opt(masks.alibi_slopes, jnp.float32),
-              opt(masks.q_segment_ids, jnp.int32),
-              opt(masks.kv_segment_ids, jnp.int32),
-              opt(masks.q_lengths, jnp.int32),
-              opt(masks.kv_lengths, jnp.int32),
-              softmax_scale=np.float32(cfg.softmax_scale),
-              window_left=np.int32(left), window_right=np.int32(right),
-              softcap=np.float32(cfg.softcap))
 
 
 @dataclasses.dataclass
@@ -118,14 +86,6 @@ def poison(nbytes: int) -> None:
   del x
 
 
-def max_err(a, b) -> float:
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  both_inf = np.isneginf(a) & np.isneginf(b)
-  diff = np.where(both_inf, 0.0, np.abs(a - b))
-  return float(np.max(diff)) if diff.size else 0.0
-
-
 def check(c: Case, seed: int) -> dict:
   q, k, v, cfg, masks = make_inputs(c, seed)
   f32 = lambda x: x.astype(jnp.float32)
@@ -135,7 +95,7 @@ def check(c: Case, seed: int) -> dict:
     low_out, low_lse = jax.jit(
         lambda *a: reference_attention(*a, upcast=False),
         static_argnums=3)(q, k, v, cfg, masks)
-  fn = jax.jit(kernel_fwd, static_argnums=3)
+  fn = jax.jit(kernel_calls.forward, static_argnums=3)
   fn(q, k, v, cfg, masks)  # compile before poisoning
   poison(q.size * 2 * 2 + c.b * c.h * c.sq * 4)
   out, lse = fn(q, k, v, cfg, masks)
@@ -146,10 +106,10 @@ def check(c: Case, seed: int) -> dict:
   lse_ok = bool(np.all(np.isfinite(lse) | (np.isneginf(lse) &
                                            np.isneginf(ref_lse))))
   lse_inf_match = bool(np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)))
-  e_out = max_err(out, ref_out)
-  e_low = max_err(np.asarray(low_out.astype(jnp.float32)), ref_out)
-  e_lse = max_err(lse, ref_lse)
-  e_lse_low = max_err(np.asarray(low_lse), ref_lse)
+  e_out = kernel_calls.max_abs_err(out, ref_out)
+  e_low = kernel_calls.max_abs_err(np.asarray(low_out.astype(jnp.float32)), ref_out)
+  e_lse = kernel_calls.max_abs_err(lse, ref_lse)
+  e_lse_low = kernel_calls.max_abs_err(np.asarray(low_lse), ref_lse)
   ok = (finite and lse_ok and lse_inf_match and e_out <= 2 * e_low + 1e-5 and
         e_lse <= 2 * e_lse_low + 1e-4)
   return dict(name=c.name, ok=ok, err_out=e_out, err_out_lowp=e_low,
@@ -191,70 +151,41 @@ def cases() -> list[Case]:
   return out
 
 
-def time_ours(b: int, s: int, h: int, d: int, causal: bool,
-              once: bool = False) -> float:
-  """Seconds per call of the custom call, from chains of calls in one jit
-  (v <- out): (time of 30 calls - time of 10 calls) / 20, median of 7, so
-  that the jit dispatch and the final synchronization cancel out. With
-  `once`, runs a single call (for a profiler) and returns 0."""
-  key = jax.random.PRNGKey(0)
-  kq, kk, kv = jax.random.split(key, 3)
+def _input_bytes(b: int, s: int, h: int, d: int) -> int:
+  """Bytes of one set of bf16 q, k, v."""
+  return 3 * b * s * h * d * 2
+
+
+def time_kernel(b: int, s: int, h: int, d: int, causal: bool,
+                once: bool = False) -> Optional[timing.Timing]:
+  """The custom call timed by jax_flash.bench.timing, over rotated input
+  sets; with `once`, a single call (for a profiler) and None."""
+  config = AttentionConfig(softmax_scale=d ** -0.5, causal=causal)
+  fn = jax.jit(lambda q, k, v: kernel_calls.forward(q, k, v, config,
+                                                    MaskArrays())[0])
   shape = (b, s, h, d)
-  q = jax.random.normal(kq, shape, jnp.bfloat16)
-  k = jax.random.normal(kk, shape, jnp.bfloat16)
-  v = jax.random.normal(kv, shape, jnp.bfloat16)
-  cfg = AttentionConfig(softmax_scale=d ** -0.5, causal=causal)
-
-  def chain(reps):
-    def run(q, k, v):
-      for _ in range(reps):
-        v = kernel_fwd(q, k, v, cfg, MaskArrays())[0]
-      return v
-    fn = jax.jit(run)
-    fn(q, k, v).block_until_ready()
-    return fn
-
+  sets = []
+  for seed in range(1 if once else timing.input_sets_needed(
+      _input_bytes(b, s, h, d))):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    sets.append([jax.random.normal(key, shape, jnp.bfloat16) for key in keys])
   if once:
-    chain(1)
-    return 0.0
-  short, long = chain(10), chain(30)
-  times = []
-  for _ in range(7):
-    t0 = time.perf_counter()
-    short(q, k, v).block_until_ready()
-    t1 = time.perf_counter()
-    long(q, k, v).block_until_ready()
-    t2 = time.perf_counter()
-    times.append(((t2 - t1) - (t1 - t0)) / 20)
-  return float(np.median(times))
+    fn(*sets[0]).block_until_ready()
+    return None
+  return timing.time_calls(lambda i: fn(*sets[i % len(sets)]),
+                           jax.block_until_ready)
 
 
 def time_torch(b: int, s: int, h: int, d: int, causal: bool,
-               once: bool = False) -> float:
-  """Median seconds per call of torch sdpa with the flash backend
-  (triton.testing.do_bench); with `once`, a single call, returns 0."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import triton.testing  # pylint: disable=import-outside-toplevel
-  from torch.nn.attention import SDPBackend, sdpa_kernel  # pylint: disable=import-outside-toplevel
-  # (B, S, H, D) memory, seen as (B, H, S, D): the layout jax_flash uses.
-  mk = lambda: torch.randn(b, s, h, d, device="cuda",
-                           dtype=torch.bfloat16).transpose(1, 2)
-  q, k, v = mk(), mk(), mk()
-  with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-    fn = lambda: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=causal)
-    fn()
-    if once:
-      torch.cuda.synchronize()
-      return 0.0
-    ms = triton.testing.do_bench(fn, warmup=100, rep=500,
-                                 return_mode="median")
-  return ms * 1e-3
-
-
-def attn_flops(b: int, s: int, h: int, d: int, causal: bool) -> float:
-  pairs = s * (s + 1) / 2 if causal else s * s
-  return 4.0 * b * h * pairs * d
+               once: bool = False) -> Optional[timing.Timing]:
+  """PyTorch SDPA's FlashAttention-2 backend on the same problem, through
+  jax_flash.bench's runner; with `once`, three calls and None."""
+  impl = implementations.by_name(["torch_flash"])[0]
+  case = bench_cases.Case("mha", b, s, s, h, h, d, causal)
+  options = dict(rounds=1, calls=1, warmup=1) if once else {}
+  n_sets = 1 if once else timing.input_sets_needed(_input_bytes(b, s, h, d))
+  result, _, _ = torch_runner.measure(impl, case, "fwd", n_sets, 0, **options)
+  return None if once else result
 
 
 def main() -> None:
@@ -262,16 +193,18 @@ def main() -> None:
   parser.add_argument("--skip-timing", action="store_true")
   parser.add_argument("--timing-only", action="store_true")
   parser.add_argument("--profile-once", action="store_true",
-                      help="run each timing case once, for ncu")
+                      help="run each timing case once (torch: three calls), "
+                      "for ncu")
   parser.add_argument("--log", type=pathlib.Path, default=None)
-  parser.add_argument("--lib", type=pathlib.Path, default=LIB)
+  parser.add_argument("--lib", type=pathlib.Path,
+                      default=library.library_path())
   args = parser.parse_args()
-  info = register(args.lib)
+  info = kernel_calls.load(args.lib).build_info
   print("build:", info, "device:", jax.devices()[0].device_kind, flush=True)
   results = []
   for i, c in enumerate([] if args.timing_only else cases()):
     dt = "bf16" if c.dtype == "bfloat16" else "fp16"
-    if f"fwd:{dt}:{c.d}" not in info:
+    if ("fwd", dt, c.d) not in info.kernels:
       continue
     try:
       r = check(c, seed=i)
@@ -288,11 +221,12 @@ def main() -> None:
     configs += [(4, 4096, 32, 64), (4, 4096, 8, 256)]
     for b, s, h, d in configs:
       for causal in (False, True):
-        ours = time_ours(b, s, h, d, causal, once=args.profile_once)
+        ours = time_kernel(b, s, h, d, causal, once=args.profile_once)
         theirs = time_torch(b, s, h, d, causal, once=args.profile_once)
         if args.profile_once:
           continue
-        fl = attn_flops(b, s, h, d, causal)
+        ours, theirs = ours.seconds, theirs.seconds
+        fl = flops.attention_flops(b, h, s, s, d, causal=causal)
         timings.append(dict(s=s, b=b, h=h, d=d, causal=causal,
                             ours_ms=ours * 1e3, fa2_ms=theirs * 1e3,
                             ours_tflops=fl / ours / 1e12,
@@ -302,7 +236,7 @@ def main() -> None:
   if args.log:
     args.log.mkdir(parents=True, exist_ok=True)
     (args.log / "check_fwd.json").write_text(
-        json.dumps(dict(build=info, results=results, timings=timings),
+        json.dumps(dict(build=str(info), results=results, timings=timings),
                    indent=1))
   print("\nfailed:", [r["name"] for r in results if not r["ok"]])
   print(f"correctness: {n_ok}/{len(results)} passed")

@@ -4,9 +4,10 @@
 # kernel, racecheck on small shapes). Logs go to $OUT (default
 # /tmp/jax_flash_verify); a summary table is printed last.
 #
-#   JAX_FLASH_CUDA_ARCHS=90 python build/build_cuda.py   # first, anywhere
-#   bash build/verify_on_gpu.sh
+#   JAX_FLASH_CUDA_ARCHS=90 python build/build_cuda.py   # first
+#   bash tools/gpu/verify_on_gpu.sh
 set -u
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/jax_flash_verify}
 mkdir -p "$OUT"
 export PYTHONPATH=.
@@ -28,19 +29,19 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader \
 step pytest_gpu "${PYTEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider \
   tests/test_cuda_kernels.py
 if [[ -n "${WITH_CHECK_SCRIPTS:-}" ]]; then  # slower; the suite covers them
-  step check_fwd 240 python3 build/check_fwd.py --skip-timing --lib "$LIB"
-  step check_bwd 300 python3 build/check_bwd.py --skip-timing --no-torch \
+  step check_fwd 240 python3 tools/gpu/check_fwd.py --skip-timing --lib "$LIB"
+  step check_bwd 300 python3 tools/gpu/check_bwd.py --skip-timing --no-torch \
     --library "$LIB"
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck "${SAN_LIMIT:-120}" "$SAN" --tool memcheck --error-exitcode 3 \
-  --kernel-name kns=flash python3 build/sanitize_cases.py
+  --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py
 step racecheck "${SAN_LIMIT:-100}" "$SAN" --tool racecheck --error-exitcode 3 \
-  --kernel-name kns=flash python3 build/sanitize_cases.py --small
+  --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py --small
 # The leaner kernels an A100 runs (one K/V or Q/dO stage), on this GPU.
 step racecheck_a100 "${SAN_LIMIT:-100}" env JAX_FLASH_MAX_SMEM_PER_BLOCK=166912 \
   "$SAN" --tool racecheck --error-exitcode 3 --kernel-name kns=flash \
-  python3 build/sanitize_cases.py --small
+  python3 tools/gpu/sanitize_cases.py --small
 
 echo "GPU: $(cat "$OUT/gpu.txt")"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

@@ -6,14 +6,14 @@ tiles, GQA, every mask, alibi with its gradient, softcap and deterministic
 mode:
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck \
-      --kernel-name kns=flash python3 build/sanitize_cases.py
+      --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py
 """
 
 import argparse
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

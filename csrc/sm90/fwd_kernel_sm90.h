@@ -1,0 +1,312 @@
+// FlashAttention-3-style forward kernel for sm90 (TMA, wgmma, warp
+// specialization).
+//
+// One CTA per (query tile of 128 rows, head, batch row), launched longest
+// first under causal/window masks. Three warpgroups:
+//   producer (warpgroup 0): one thread issues the TMA loads of the Q tile
+//     and, through two mbarrier pipelines (K and V, two stages each), of
+//     every visible K/V tile from the last one down; its registers go to
+//     the consumers (setmaxnreg).
+//   consumers (warpgroups 1 and 2): 64 query rows each; per K/V tile
+//     S = Q K^T (wgmma, both operands in shared memory), logits and masks,
+//     online softmax in registers, then O += P V with P converted in
+//     registers as wgmma's A operand and V read from shared memory. The two
+//     warpgroups' GEMMs and softmaxes interleave on the SM's tensor cores.
+// The epilogue divides O by the row sums and writes O and lse from
+// registers.
+// Masks and score modifiers are those of mask.h (docs/ffi_contract.md),
+// applied per element only on tiles that cross a mask boundary.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "flash.h"
+#include "mask.h"
+#include "sm90/fwd_kernel_traits_sm90.h"
+#include "sm90/fwd_softmax_sm90.h"
+#include "utils.h"
+
+namespace jax_flash {
+namespace sm90 {
+
+// Kernel parameters: the shared FwdParams and the TMA descriptors (which
+// must live in kernel parameter or constant memory).
+template <typename Traits>
+struct FwdKernelParams {
+  FwdParams p;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaKV tma_k;
+  typename Traits::TmaKV tma_v;
+};
+
+// c (+)= a * b over every k step on one warpgroup, waited for. kZeroInit
+// starts from c = 0; kRegisterA: a is a register fragment (else a shared
+// memory descriptor, like b).
+template <bool kZeroInit, bool kRegisterA, class Mma, class TensorA,
+          class TensorB, class TensorC>
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, TensorA const& a,
+                                               TensorB const& b, TensorC& c) {
+  if constexpr (kRegisterA) {
+    cute::warpgroup_fence_operand(const_cast<TensorA&>(a));
+  }
+  cute::warpgroup_fence_operand(c);
+  cute::warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = cute::GMMA::ScaleOut::Zero;
+#pragma unroll
+  for (int k = 0; k < cute::size<2>(a); ++k) {
+    cute::gemm(mma, a(cute::_, cute::_, k), b(cute::_, cute::_, k), c);
+    mma.accumulate_ = cute::GMMA::ScaleOut::One;
+  }
+  cute::warpgroup_commit_batch();
+  cute::warpgroup_wait<0>();
+  cute::warpgroup_fence_operand(c);
+  if constexpr (kRegisterA) {
+    cute::warpgroup_fence_operand(const_cast<TensorA&>(a));
+  }
+}
+
+// Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h): the
+// tile sees no key.
+template <typename Traits>
+__device__ void write_empty_tile(const FwdParams& p, int b, int h, int m0,
+                                 int tid, int num_threads) {
+  using T = typename Traits::T;
+  constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks per row
+  const int rows = min(Traits::kBlockM, p.seqlen_q - m0);
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride +
+           h * p.out_head_stride + static_cast<int64_t>(m0) * p.out_row_stride;
+  for (int c = tid; c < rows * kChunks; c += num_threads) {
+    *reinterpret_cast<uint4*>(out + (c / kChunks) * p.out_row_stride +
+                              (c % kChunks) * 8) = make_uint4(0, 0, 0, 0);
+  }
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.num_heads + h) *
+                           p.seqlen_q + m0;
+  for (int r = tid; r < rows; r += num_threads) lse[r] = -INFINITY;
+}
+
+template <typename Traits, bool kScoreMod>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
+  using namespace cute;
+  using T = typename Traits::T;
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Pipeline = typename Traits::Pipeline;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
+  const FwdParams& p = params.p;
+
+  // Longest query tiles first: under a causal mask the last tiles have the
+  // most keys, and starting them first evens out the tail of the grid.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y;
+  const int b = blockIdx.z;
+  const int m0 = m_block * kBlockM;
+  const int kv_h = h / (p.num_heads / p.num_heads_kv);
+  const AttentionMask mask = AttentionMask::make(p, b);
+  const int key_lo = mask.key_begin(m0);
+  const int key_hi = mask.key_end(m0 + kBlockM);
+  if (key_lo >= key_hi) {
+    write_empty_tile<Traits>(p, b, h, m0, threadIdx.x, Traits::kThreads);
+    return;
+  }
+  const int n_lo = key_lo / kBlockN;
+  const int n_hi = (key_hi - 1) / kBlockN;
+  const int warpgroup = threadIdx.x / 128;
+
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Traits::kKVTileBytes;
+  pipeline_params.role = warpgroup == 0
+                             ? Pipeline::ThreadCategory::Producer
+                             : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = threadIdx.x == 0;
+  pipeline_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipeline_k(smem.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_v(smem.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) smem.q_full.init(1);
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()),
+                          typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()),
+                          typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()),
+                          typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()),
+                           typename Traits::SmemLayoutVt{});
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    cutlass::arch::warpgroup_reg_dealloc<kFwdProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    auto shape = [](int s, int heads, const FwdParams& q) {
+      return make_shape(s, q.head_dim, heads, q.batch);
+    };
+    Tensor mQ = params.tma_q.get_tma_tensor(shape(p.seqlen_q, p.num_heads, p));
+    Tensor mK =
+        params.tma_k.get_tma_tensor(shape(p.seqlen_k, p.num_heads_kv, p));
+    Tensor mV =
+        params.tma_v.get_tma_tensor(shape(p.seqlen_k, p.num_heads_kv, p));
+    Tensor gQ = local_tile(mQ(_, _, h, b),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                           make_coord(m_block, _0{}));
+    Tensor gK = local_tile(mK(_, _, kv_h, b),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(_, _0{}));  // (N, D, n)
+    Tensor gV = local_tile(mV(_, _, kv_h, b),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                           make_coord(_, _0{}));
+    auto [tQg, tQs] = tma_partition(params.tma_q, _0{}, Layout<_1>{},
+                                    group_modes<0, 2>(sQ),
+                                    group_modes<0, 2>(gQ));
+    auto [tKg, tKs] = tma_partition(params.tma_k, _0{}, Layout<_1>{},
+                                    group_modes<0, 2>(sK),
+                                    group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{},
+                                    group_modes<0, 2>(sV),
+                                    group_modes<0, 2>(gV));
+    smem.q_full.arrive_and_expect_tx(Traits::kQBytes);
+    copy(params.tma_q.with(
+             reinterpret_cast<typename Pipeline::ProducerBarrierType&>(
+                 smem.q_full),
+             0),
+         tQg, tQs);
+    auto write = cutlass::make_producer_start_state<Pipeline>();
+    for (int n = n_hi; n >= n_lo; --n) {
+      pipeline_k.producer_acquire(write);
+      copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write), 0),
+           tKg(_, n), tKs(_, write.index()));
+      pipeline_v.producer_acquire(write);
+      copy(params.tma_v.with(*pipeline_v.producer_get_barrier(write), 0),
+           tVg(_, n), tVs(_, write.index()));
+      ++write;
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  cutlass::arch::warpgroup_reg_alloc<kFwdConsumerRegisters>();
+  const int tid = threadIdx.x - 128;  // 0 .. kConsumerThreads - 1
+  typename Traits::MmaS mma_s;
+  typename Traits::MmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrO =
+      partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(tOrO);
+  Tensor o_rc = make_tensor(tOrO.data(), accumulator_rows_cols(tOrO.layout()));
+
+  // Tile coordinates (row, column) of this thread's score elements.
+  Tensor score_coords =
+      thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>,
+                                                   Int<kBlockN>>{}));
+  Tensor coords_rc = make_tensor(score_coords.data(),
+                                 accumulator_rows_cols(score_coords.layout()));
+  constexpr int kRows = decltype(size<0>(coords_rc))::value;
+  RowSoftmax<kRows> softmax;
+  softmax.init();
+
+  const ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
+  // With score modifiers the scores are natural-log logits already scaled.
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = kScoreMod ? kLog2e : p.softmax_scale_log2;
+
+  // Tiles wholly inside the unmasked key range skip the per-element mask.
+  int free_lo, free_hi;
+  mask.unmasked_keys(m0, m0 + kBlockM, &free_lo, &free_hi);
+  const int full_lo = max(n_lo, ceil_div(free_lo, kBlockN));
+  const int full_hi = min(n_hi, free_hi / kBlockN - 1);
+
+  smem.q_full.wait(0);
+  typename Pipeline::PipelineState read;
+  for (int n = n_hi; n >= n_lo; --n) {
+    const int n0 = n * kBlockN;
+    Tensor tSrS =
+        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    // S = Q K^T
+    pipeline_k.consumer_wait(read);
+    warpgroup_gemm<true, false>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+    pipeline_k.consumer_release(read);
+
+    // Logits, then the mask on tiles that cross a mask boundary.
+    Tensor s_rc = make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
+    const bool masked = n < full_lo || n > full_hi;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = m0 + get<0>(coords_rc(r, 0));
+      const int lo = mask.row_key_begin(i);
+      const int hi = mask.row_key_end(i);
+      const int q_id = mask.has_segments()
+          ? mask.q_segment_ids[min(i, p.seqlen_q - 1)] : 0;
+#pragma unroll
+      for (int c = 0; c < size<1>(s_rc); ++c) {
+        const int j = n0 + get<1>(coords_rc(r, c));
+        if constexpr (kScoreMod) s_rc(r, c) = score_mod(s_rc(r, c), i, j);
+        if (masked) {
+          bool visible = j >= lo && j < hi;
+          if (mask.has_segments()) {
+            visible = visible &&
+                      mask.kv_segment_ids[min(j, p.seqlen_k - 1)] == q_id;
+          }
+          if (!visible) s_rc(r, c) = -INFINITY;
+        }
+      }
+    }
+    softmax.update(s_rc, o_rc, scale_log2);
+
+    // O += P V, P in registers as the A operand.
+    Tensor rP = make_tensor<Element>(tSrS.layout());
+#pragma unroll
+    for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<Element>(tSrS(e));
+    Tensor tOrP =
+        make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
+    pipeline_v.consumer_wait(read);
+    warpgroup_gemm<false, true>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
+    pipeline_v.consumer_release(read);
+    ++read;
+  }
+
+  // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
+  float inv_sum[kRows];
+  float lse[kRows];
+  softmax.finalize(inv_sum, lse, scale_log2);
+  Tensor out_coords = thr_o.partition_C(
+      make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor out_rc = make_tensor(out_coords.data(),
+                              accumulator_rows_cols(out_coords.layout()));
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride +
+           h * p.out_head_stride;
+  float* lse_out =
+      p.lse + (static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int i = m0 + get<0>(out_rc(r, 0));
+    if (i >= p.seqlen_q) continue;
+    const bool live = i < mask.q_len;
+    const float scale = live ? inv_sum[r] : 0.f;
+    T* row = out + static_cast<int64_t>(i) * p.out_row_stride;
+#pragma unroll
+    for (int c = 0; c < size<1>(o_rc); c += 2) {
+      // Columns c and c + 1 of the view are adjacent output columns.
+      *reinterpret_cast<uint32_t*>(row + get<1>(out_rc(r, c))) =
+          pack2<T>(o_rc(r, c) * scale, o_rc(r, c + 1) * scale);
+    }
+    if (tid % 4 == 0) lse_out[i] = live ? lse[r] : -INFINITY;
+  }
+}
+
+}  // namespace sm90
+}  // namespace jax_flash

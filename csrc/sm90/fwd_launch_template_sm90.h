@@ -1,0 +1,90 @@
+// Launches the sm90 forward kernel for one (dtype, head dim): builds the TMA
+// descriptors of q, k and v from FwdParams and picks the score-modifier
+// variant. Instantiated once per pair by the files build/generate_kernels.py
+// writes (compiled for sm_90a only).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
+
+#include "flash.h"
+#include "sm90/fwd_kernel_sm90.h"
+#include "sm90/fwd_kernel_traits_sm90.h"
+#include "utils.h"
+
+namespace jax_flash {
+namespace sm90 {
+
+// A (S, D, heads, B) view of a (B, S, heads, D) tensor with these strides,
+// D contiguous, as the TMA descriptors see it.
+template <typename T>
+auto gmem_tensor(const void* data, int seqlen, int heads, int head_dim,
+                 int batch, int64_t row_stride, int64_t head_stride,
+                 int64_t batch_stride) {
+  using namespace cute;
+  return make_tensor(
+      make_gmem_ptr(static_cast<const T*>(data)),
+      make_layout(make_shape(seqlen, head_dim, heads, batch),
+                  make_stride(row_stride, _1{}, head_stride, batch_stride)));
+}
+
+template <typename Traits>
+FwdKernelParams<Traits> make_kernel_params(const FwdParams& p) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  using TileQ = Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>;
+  using TileKV = Shape<Int<Traits::kBlockN>, Int<Traits::kHeadDim>>;
+  auto q = gmem_tensor<Element>(p.q, p.seqlen_q, p.num_heads, p.head_dim, p.batch,
+                          p.q_row_stride, p.q_head_stride, p.q_batch_stride);
+  auto k = gmem_tensor<Element>(p.k, p.seqlen_k, p.num_heads_kv, p.head_dim,
+                          p.batch, p.k_row_stride, p.k_head_stride,
+                          p.k_batch_stride);
+  auto v = gmem_tensor<Element>(p.v, p.seqlen_k, p.num_heads_kv, p.head_dim,
+                          p.batch, p.v_row_stride, p.v_head_stride,
+                          p.v_batch_stride);
+  auto kv_layout = take<0, 2>(typename Traits::SmemLayoutKV{});
+  return {p,
+          make_tma_copy(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{},
+                        TileQ{}, _1{}),
+          make_tma_copy(SM90_TMA_LOAD{}, k, kv_layout, TileKV{}, _1{}),
+          make_tma_copy(SM90_TMA_LOAD{}, v, kv_layout, TileKV{}, _1{})};
+}
+
+template <typename Traits, bool kScoreMod>
+void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+  auto kernel = &flash_fwd_sm90_kernel<Traits, kScoreMod>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  // Above 48 KB of dynamic shared memory a kernel must opt in; the
+  // attribute is per device, so it is set at every launch.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       kSmem);
+  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads,
+                  p.batch);
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(
+      make_kernel_params<Traits>(p));
+}
+
+}  // namespace sm90
+
+// Computes out and lse for q, k, v of type T and head dim kHeadDim (= Dv) on
+// an sm90 GPU; returns 0 after launching, or the shared memory per block the
+// kernel needs when the device offers less (launching nothing). The caller
+// checks cudaGetLastError() afterwards.
+template <typename T, int kHeadDim>
+int run_mha_fwd_sm90_(const FwdParams& p, cudaStream_t stream) {
+  using Traits = sm90::FwdKernelTraits<T, kHeadDim>;
+  if (Traits::kSmemBytes > p.max_smem_per_block) return Traits::kSmemBytes;
+  // The plain path keeps raw scores and folds a positive scale into exp2;
+  // anything else computes each logit explicitly.
+  const bool score_mod = p.softcap > 0.f || p.alibi_slopes != nullptr ||
+                         !(p.softmax_scale > 0.f);
+  if (score_mod) {
+    sm90::launch_fwd_sm90<Traits, true>(p, stream);
+  } else {
+    sm90::launch_fwd_sm90<Traits, false>(p, stream);
+  }
+  return 0;
+}
+
+}  // namespace jax_flash

@@ -1,0 +1,36 @@
+// Tile sizes of the sm90 (wgmma/TMA) forward kernel, as constexpr functions
+// of the head dim, with the reason for each.
+#pragma once
+
+namespace jax_flash {
+namespace sm90 {
+
+// Query rows per CTA: two consumer warpgroups of 64 rows each (wgmma's M is
+// 64 per warpgroup); every K/V tile in shared memory serves 128 rows.
+constexpr int fwd_block_m(int /*head_dim*/) { return 128; }
+
+// Keys per mainloop step. The score tile is 64 x kBlockN floats per
+// warpgroup (kBlockN / 2 registers a thread) beside the 64 x D output
+// (D / 2 registers): 128 keys up to D = 128, 96 at D = 192 and 64 at D =
+// 256 keep both under the 240 registers a consumer thread gets, and keep
+// Q + two K and V stages within 227 KB of shared memory.
+constexpr int fwd_block_n(int head_dim) {
+  return head_dim <= 128 ? 128 : head_dim <= 192 ? 96 : 64;
+}
+
+// K and V buffers each: two, so that the TMA of tile n+1 runs under the
+// GEMMs of tile n.
+constexpr int fwd_stages(int /*head_dim*/) { return 2; }
+
+// Warpgroups: one producer (one thread issues every TMA) and two consumers.
+constexpr int kFwdConsumerWarpgroups = 2;
+constexpr int kFwdThreads = (kFwdConsumerWarpgroups + 1) * 128;
+
+// Registers per thread after `setmaxnreg`: the producer gives most of its
+// share to the consumers (24 + 2 x 240 = 504 <= 512 per lane of the SM's
+// 64K registers for 384 threads).
+constexpr int kFwdProducerRegisters = 24;
+constexpr int kFwdConsumerRegisters = 240;
+
+}  // namespace sm90
+}  // namespace jax_flash
