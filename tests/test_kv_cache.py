@@ -254,10 +254,10 @@ def test_block_ids_out_of_range_are_empty_blocks():
 
 
 def test_in_place_append_under_jit_with_donation():
-  call = random_call(12, 2, 1, 4, 2, 32, capacity=1024)
+  call = random_call(12, 2, 1, 4, 2, 32, capacity=4096)
   key_pool, table = to_paged(call["key_cache"], 64, 13)
   value_pool, _ = to_paged(call["value_cache"], 64, 13)
-  lengths = jnp.array([5, 700], jnp.int32)
+  lengths = jnp.array([5, 2700], jnp.int32)
 
   def step(key_cache, value_cache, query, new_key, new_value, table):
     result = flash_attention_with_kv_cache(
@@ -270,7 +270,11 @@ def test_in_place_append_under_jit_with_donation():
     args = caches + (call["query"], call["new_key"], call["new_value"], t)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
     cache_bytes = sum(c.nbytes for c in caches)
-    assert compiled.memory_analysis().alias_size_in_bytes >= cache_bytes
+    memory = compiled.memory_analysis()
+    assert memory.alias_size_in_bytes >= cache_bytes
+    if t is None:
+      # Reading a contiguous cache moves only the key blocks it needs.
+      assert memory.temp_size_in_bytes < cache_bytes / 4, memory
     pointers = [c.unsafe_buffer_pointer() for c in caches]
     copies = [jnp.array(c, copy=True) for c in caches]
     _, new_keys, new_values = compiled(*args)

@@ -28,8 +28,11 @@ def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
   groups = heads // kv_heads
   bq, bk = tiling.block_q, tiling.block_k
   qg = layout.pad_axis(layout.group_queries(q, kv_heads), 3, tiling.padded_sq)
-  kh = layout.pad_axis(layout.heads_major(k), 2, tiling.padded_sk)
-  vh = layout.pad_axis(layout.heads_major(v), 2, tiling.padded_sk)
+  # K/V stay sequence-major: each key block is sliced first and made
+  # head-major after, so only the blocks the masks leave visible are moved
+  # (a short query against a long cache never copies the whole cache).
+  kp = layout.pad_axis(k, 1, tiling.padded_sk)
+  vp = layout.pad_axis(v, 1, tiling.padded_sk)
   score_shape = (batch, kv_heads, groups)
 
   def one_query_block(i):
@@ -38,8 +41,10 @@ def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
 
     def visit_key_block(j, carry):
       m, l, acc = carry
-      k_blk = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
-      v_blk = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
+      k_blk = layout.heads_major(
+          jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1))
+      v_blk = layout.heads_major(
+          jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1))
       k_pos = block_positions(j, bk)
       # S = Q K^T, then the masks and score modifiers
       _, logits, visible = tile_logits(q_blk, k_blk, config, masks, q_pos,
