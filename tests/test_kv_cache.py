@@ -34,8 +34,8 @@ def random_call(seed, batch, sq, heads, kv_heads, d, dv=None,
 def expected(query, key_cache, value_cache, lengths, new_key=None,
              new_value=None, **options):
   """(out, lse) of `flash_attention`'s float32 reference on each row's
-  keys: the valid cache positions, then the new tokens that fit (the queries
-  of those that do not see nothing: out 0, lse -inf)."""
+  keys: the valid cache positions, then the new tokens (written at the end
+  of the row when they would run past the capacity)."""
   batch, sq = query.shape[:2]
   capacity = key_cache.shape[1]
   f32 = lambda x: np.asarray(x, np.float32)
@@ -43,26 +43,23 @@ def expected(query, key_cache, value_cache, lengths, new_key=None,
   keys = np.zeros((batch, capacity + sq) + key_cache.shape[2:], np.float32)
   values = np.zeros((batch, capacity + sq) + value_cache.shape[2:],
                     np.float32)
-  kv_lengths, q_lengths = lengths.copy(), None
+  if new_key is not None:
+    lengths = np.minimum(lengths, capacity - sq)
   for b, n in enumerate(lengths):
     keys[b, :n], values[b, :n] = f32(key_cache[b, :n]), f32(value_cache[b, :n])
-  if new_key is not None:
-    q_lengths = np.minimum(sq, capacity - lengths)
-    for b, (n, rows) in enumerate(zip(lengths, q_lengths)):
-      keys[b, n:n + rows] = f32(new_key[b, :rows])
-      values[b, n:n + rows] = f32(new_value[b, :rows])
-    kv_lengths = lengths + q_lengths
-  return _reference(f32(query), keys, values, kv_lengths, q_lengths,
-                    **options)
+    if new_key is not None:
+      keys[b, n:n + sq] = f32(new_key[b])
+      values[b, n:n + sq] = f32(new_value[b])
+  kv_lengths = lengths + (0 if new_key is None else sq)
+  return _reference(f32(query), keys, values, kv_lengths, **options)
 
 
-def _reference(query, keys, values, kv_lengths, q_lengths, **options):
+def _reference(query, keys, values, kv_lengths, **options):
   fn = jax.jit(lambda *args: jax_flash.flash_attention(
-      *args[:3], kv_seq_lengths=args[3], q_seq_lengths=args[4],
-      alibi_slopes=args[5], return_lse=True, implementation="reference",
+      *args[:3], kv_seq_lengths=args[3], alibi_slopes=args[4],
+      return_lse=True, implementation="reference",
       **{k: v for k, v in options.items() if k != "alibi_slopes"}))
-  return fn(query, keys, values, kv_lengths, q_lengths,
-            options.get("alibi_slopes"))
+  return fn(query, keys, values, kv_lengths, options.get("alibi_slopes"))
 
 
 def assert_matches(result, want, atol=2e-5):
@@ -201,23 +198,24 @@ def test_low_precision_within_the_rule():
   assert_within_rule("out", result.out, exact, lowp, 1e-3)
 
 
-def test_lengths_past_capacity_are_clamped_and_writes_dropped():
+def test_lengths_past_capacity_are_clamped_and_overflow_goes_to_the_end():
   call = random_call(9, 4, 3, 2, 2, 16)
-  # 70 > capacity (clamped to 64: nothing fits), -5 (clamped to 0), 62 (one
-  # of three tokens fits), 10 (all fit).
+  # 70 > capacity (clamped to 64), -5 (clamped to 0), 62 (the three tokens
+  # do not fit after it), 10 (they fit).
   lengths = jnp.array([70, -5, 62, 10], jnp.int32)
   result = flash_attention_with_kv_cache(**call, cache_seq_lengths=lengths,
                                          causal=True, return_lse=True)
   clamped = np.array([64, 0, 62, 10])
   assert_matches(result, expected(**call, lengths=clamped, causal=True))
   np.testing.assert_array_equal(result.cache_seq_lengths, [64, 3, 64, 13])
-  # Dropped tokens output 0 with lse -inf; nothing else changed.
-  assert np.all(np.asarray(result.out[0]) == 0)
-  assert np.all(np.isneginf(np.asarray(result.lse[2, :, 2:])))
-  np.testing.assert_array_equal(result.key_cache[0], call["key_cache"][0])
-  np.testing.assert_array_equal(result.key_cache[2, 62:],
-                                call["new_key"][2, :2])
-  np.testing.assert_array_equal(result.key_cache[1, :3], call["new_key"][1])
+  # Rows 0 and 2 are full: their tokens overwrote the last three positions.
+  for row, start in ((0, 61), (1, 0), (2, 61), (3, 10)):
+    np.testing.assert_array_equal(result.key_cache[row, start:start + 3],
+                                  call["new_key"][row])
+    np.testing.assert_array_equal(result.value_cache[row, :start],
+                                  call["value_cache"][row, :start])
+    np.testing.assert_array_equal(result.key_cache[row, start + 3:],
+                                  call["key_cache"][row, start + 3:])
 
 
 def test_block_ids_out_of_range_are_empty_blocks():
@@ -399,6 +397,9 @@ BAD = [
     (dict(new_value=None), ValueError, r"new_key and new_value"),
     (dict(new_key=jnp.zeros((2, 3, 2, 16))), ValueError,
      r"new_key must have shape \(2, 2, 2, 16\).*got shape \(2, 3, 2, 16\)"),
+    (dict(key_cache=jnp.zeros((2, 1, 2, 16)),
+          value_cache=jnp.zeros((2, 1, 2, 16))), ValueError,
+     r"2 new tokens .* do not fit in a cache of 1 positions per row"),
     (dict(new_value=jnp.zeros((2, 2, 2, 16), jnp.bfloat16)), TypeError,
      r"new_value must have the cache's dtype"),
     (dict(block_table=jnp.zeros((2,), jnp.int32)), ValueError,

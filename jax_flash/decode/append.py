@@ -1,9 +1,11 @@
 """Writing new tokens into a contiguous or paged K/V cache, in place.
 
-New token i of batch row b goes to position `lengths[b] + i` of that row.
-Writes are scatters with `mode="drop"`: a position at or past the row's
-capacity, or one whose table entry is not a block id in [0, num_blocks),
-is dropped rather than written anywhere else. Under `jit` with the caches
+New token i of batch row b goes to position `start[b] + i` of that row,
+where `start` is the row's length, or capacity - Sq when the new tokens
+would not fit otherwise: they then overwrite the row's last positions, as
+Flax's cache does. Writes are scatters with `mode="drop"`: a position whose
+table entry is not a block id in [0, num_blocks) is dropped rather than
+written anywhere else. Under `jit` with the caches
 donated the scatter updates the donated buffer: the cache is not copied.
 """
 
@@ -15,21 +17,17 @@ import jax
 import jax.numpy as jnp
 
 
-def token_positions(lengths: jax.Array, num_new: int) -> jax.Array:
-  """(B, Sq) int32 positions of the new tokens in their rows."""
-  return lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
-
-
-def lengths_after(lengths: jax.Array, num_new: int,
-                  capacity: int) -> jax.Array:
-  """(B,) int32 valid positions after appending `num_new` tokens to rows of
-  `lengths` (already in [0, capacity]): tokens that do not fit are dropped."""
-  return jnp.minimum(lengths + num_new, capacity)
+def append_start(lengths: jax.Array, num_new: int,
+                 capacity: int) -> jax.Array:
+  """(B,) int32 position of the first new token of rows holding `lengths`
+  (in [0, capacity]) positions: the length, or capacity - num_new when the
+  tokens would not fit after it (num_new <= capacity)."""
+  return jnp.minimum(lengths, capacity - num_new)
 
 
 def append_tokens(key_cache: jax.Array, value_cache: jax.Array,
                   new_key: jax.Array, new_value: jax.Array,
-                  lengths: jax.Array, block_table: Optional[jax.Array]
+                  start: jax.Array, block_table: Optional[jax.Array]
                   ) -> tuple[jax.Array, jax.Array]:
   """The caches with the new tokens written at each row's length.
 
@@ -39,22 +37,21 @@ def append_tokens(key_cache: jax.Array, value_cache: jax.Array,
     value_cache: the same with Dv.
     new_key: (B, Sq, Hkv, D) in the cache's dtype.
     new_value: (B, Sq, Hkv, Dv).
-    lengths: (B,) int32 positions already filled, in [0, capacity].
+    start: (B,) int32 position of each row's first new token, from
+      `append_start`.
     block_table: (B, max_blocks) int32 block ids, or None.
 
   Returns:
-    (key_cache, value_cache) updated; tokens that do not fit are dropped.
+    (key_cache, value_cache) updated.
   """
-  positions = token_positions(lengths, new_key.shape[1])
+  positions = start[:, None] + jnp.arange(new_key.shape[1],
+                                          dtype=jnp.int32)[None, :]
   if block_table is None:
     # One scatter per row, batched by vmap: the batch dimension stays a
     # batch dimension of the scatter, so a cache sharded over rows is
-    # updated where it lives. A position past the capacity is an index past
-    # the end, which mode="drop" ignores.
-    capacity = key_cache.shape[1]
+    # updated where it lives.
     write = jax.vmap(lambda cache, new, pos: cache.at[pos].set(new,
                                                                 mode="drop"))
-    positions = jnp.minimum(positions, capacity)
     return (write(key_cache, new_key, positions),
             write(value_cache, new_value, positions))
   num_blocks, block_size = key_cache.shape[:2]

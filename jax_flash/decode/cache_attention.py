@@ -23,7 +23,7 @@ class KVCacheAttention(NamedTuple):
     value_cache: the value cache, likewise.
     cache_seq_lengths: (B,) int32 valid positions after the call:
       min(cache_seq_lengths + Sq, capacity) with new tokens, else
-      min(cache_seq_lengths, capacity) (negative lengths count as 0).
+      cache_seq_lengths clamped to [0, capacity].
     lse: (B, H, Sq) float32 log-sum-exp of the logits with
       return_lse=True, else None.
   """
@@ -80,8 +80,10 @@ def flash_attention_with_kv_cache(
 
   Values that do not fit never touch memory outside the caches:
     * cache_seq_lengths are clamped to [0, capacity];
-    * a new token whose position is at or past the capacity is dropped: it
-      is not written, and its query row outputs 0 with lse = -inf;
+    * new tokens that would run past the capacity are written at its end
+      instead, at [capacity - Sq, capacity), overwriting the row's last
+      cached positions (as Flax's cache does); the row is then full and the
+      queries stand at those positions;
     * a block_table entry outside [0, num_blocks) is an empty block: it is
       neither read (its positions are masked) nor written (tokens that
       would go there are dropped; their queries still attend to the rest).
@@ -109,31 +111,26 @@ def flash_attention_with_kv_cache(
 
   Raises:
     TypeError, ValueError: at trace time, naming the offending argument and
-      its shape.
+      its shape (also when Sq new tokens exceed the capacity).
   """
   validation.check_implementation(implementation)
   checked = cache_validation.check_cache_arguments(
       query, key_cache, value_cache, cache_seq_lengths, block_table, new_key,
       new_value)
   lengths = jnp.clip(checked.cache_seq_lengths, 0, checked.capacity)
-  q_lengths = None
   if new_key is not None:
+    start = append.append_start(lengths, query.shape[1], checked.capacity)
     key_cache, value_cache = append.append_tokens(
-        key_cache, value_cache, new_key, new_value, lengths,
+        key_cache, value_cache, new_key, new_value, start,
         checked.block_table)
-    total = append.lengths_after(lengths, query.shape[1], checked.capacity)
-    # Query i stands at position lengths + i: rows whose token was dropped
-    # lie past q_lengths, which also keeps the diagonal (kv_len - q_len)
-    # at `lengths`.
-    q_lengths = total - lengths
-    lengths = total
+    # The queries are the last Sq of the row's keys.
+    lengths = start + query.shape[1]
   key_view, value_view = cache_validation.cache_view_shape(
       query, value_cache, checked.capacity)
   call = normalize_arguments(
       query, key_view, value_view, softmax_scale=softmax_scale,
       causal=causal, window_size=window_size, softcap=softcap,
-      alibi_slopes=alibi_slopes, q_seq_lengths=q_lengths,
-      kv_seq_lengths=lengths)
+      alibi_slopes=alibi_slopes, kv_seq_lengths=lengths)
   attend = dispatch.select_cache_attention(implementation)
   out, lse = attend(query, key_cache, value_cache, checked.block_table,
                     call.config, call.masks)

@@ -10,9 +10,9 @@ block_table None, or paged (num_blocks, block_size, Hkv, D|Dv) with
 block_table (B, max_blocks) int32 whose entries may lie outside
 [0, num_blocks) (an empty block: never read); config the validated
 `AttentionConfig`; masks the `MaskArrays` of the call, always with
-kv_lengths (B,) int32 in [0, capacity] (new tokens already appended),
-q_lengths (B,) int32 or None, alibi_slopes (B, H) float32 or None, no
-segment ids and no dropout. The caches are only read. A split-KV CUDA kernel
+kv_lengths (B,) int32 in [0, capacity] (new tokens already appended; the
+Sq queries are the last Sq of a row's keys), alibi_slopes (B, H) float32
+or None, and nothing else. The caches are only read. A split-KV CUDA kernel
 joins by returning its function from `select_cache_attention`.
 """
 

@@ -111,6 +111,10 @@ def check_cache_arguments(query: Any, key_cache: Any, value_cache: Any,
                                         cache_seq_lengths, (batch,),
                                         integer=True)
   _check_new_tokens(query, key_cache, value_cache, new_key, new_value)
+  if new_key is not None and sq > capacity:
+    raise ValueError(
+        f"{sq} new tokens (query {_describe(query)}) do not fit in a cache "
+        f"of {capacity} positions per row (key_cache {_describe(key_cache)})")
   return CacheArguments(lengths, block_table, capacity)
 
 

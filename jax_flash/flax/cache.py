@@ -14,8 +14,8 @@ Two layouts:
 
 One call may append several positions (a prefill, or speculative tokens);
 the n new queries see the cache and, with `causal`, are aligned with the
-last n keys of their row. Positions past the capacity are dropped (Flax's
-layer overwrites the last ones instead).
+last n keys of their row. Positions that do not fit go to the end of the
+row, overwriting its last ones, as in Flax's layer.
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ def decode_step(cached_key: jax.Array, cached_value: jax.Array,
                      "or dropout; use causal/window_size, or the contiguous "
                      "cache")
   else:
+    start = append.append_start(lengths, queries.shape[1], capacity)
     keys, values = append.append_tokens(keys, values, new_key, new_value,
-                                        lengths, None)
-    lengths = append.lengths_after(lengths, queries.shape[1], capacity)
+                                        start, None)
+    lengths = start + queries.shape[1]
     out = fold(attend(unfold(queries), unfold(keys), unfold(values),
                       mask=mask, causal=causal, window_size=window_size,
                       kv_seq_lengths=unfold(lengths),
