@@ -1,10 +1,10 @@
 """Builds jax_flash/_lib/libjax_flash_cuda.so from csrc/ with nvcc.
 
-Compiles csrc/*.cu and the instantiations build/generate_kernels.py writes,
-in parallel, into build/out/obj/, and links them into one shared library with
-the CUDA runtime linked statically and no Python ABI (see
-docs/ffi_contract.md). Rebuilds only objects older than their source, the
-headers or the compile flags.
+Compiles the FFI handlers (csrc/ffi/*.cu) and the instantiations
+build/generate_kernels.py writes, in parallel, into build/out/obj/, and links
+them into one shared library with the CUDA runtime linked statically and no
+Python ABI (see docs/ffi_contract.md). Rebuilds only objects older than their
+source, the headers or the compile flags.
 
 Environment:
   JAX_FLASH_CUDA_ARCHS  compute capabilities, default "80,90"
@@ -104,8 +104,8 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   if nvcc is None:
     raise RuntimeError("nvcc not found (set NVCC or CUDA_HOME)")
   generated = generate_kernels.generate(GENERATED)
-  sources = sorted(CSRC.glob("*.cu")) + generated
-  headers = sorted(CSRC.glob("*.h")) + [GENERATED / "kernel_list.h"]
+  sources = sorted((CSRC / "ffi").glob("*.cu")) + generated
+  headers = sorted(CSRC.rglob("*.h")) + [GENERATED / "kernel_list.h"]
   flags = compile_flags(archs)
   if resource_usage:
     flags.append("--resource-usage")

@@ -4,10 +4,10 @@
 
 #include <cuda_runtime.h>
 
-#include "flash.h"
-#include "flash_fwd_kernel.h"
-#include "tile_size.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/utils.h"
+#include "sm80/flash_fwd_kernel.h"
+#include "sm80/tile_size.h"
 
 namespace jax_flash {
 

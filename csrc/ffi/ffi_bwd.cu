@@ -8,10 +8,10 @@
 #include <string>
 #include <type_traits>
 
-#include "ffi_common.h"
-#include "flash.h"
-#include "flash_bwd_tile_size.h"
+#include "common/flash.h"
+#include "ffi/ffi_common.h"
 #include "kernel_list.h"
+#include "sm80/flash_bwd_tile_size.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -17,7 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "flash.h"
+#include "common/flash.h"
 
 namespace jax_flash {
 

@@ -23,15 +23,15 @@
 #include <cmath>
 #include <type_traits>
 
-#include "bulk_copy.h"
-#include "flash.h"
-#include "flash_bwd_preprocess.h"
-#include "flash_bwd_tile_size.h"
-#include "flash_bwd_warp_mma.h"
-#include "mask.h"
-#include "tile_copy.h"
-#include "tile_size.h"
-#include "utils.h"
+#include "common/bulk_copy.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/tile_copy.h"
+#include "common/utils.h"
+#include "sm80/flash_bwd_preprocess.h"
+#include "sm80/flash_bwd_tile_size.h"
+#include "sm80/flash_bwd_warp_mma.h"
+#include "sm80/tile_size.h"
 
 namespace jax_flash {
 

@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <string>
 
-#include "ffi_common.h"
-#include "flash.h"
+#include "common/flash.h"
+#include "ffi/ffi_common.h"
 #include "kernel_list.h"
 #include "xla/ffi/api/ffi.h"
 

@@ -10,7 +10,7 @@
 #include <initializer_list>
 #include <string>
 
-#include "flash.h"
+#include "common/flash.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash {

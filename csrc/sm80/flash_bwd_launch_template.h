@@ -6,11 +6,11 @@
 
 #include <cuda_runtime.h>
 
-#include "flash.h"
-#include "flash_bwd_convert.h"
-#include "flash_bwd_kernel.h"
-#include "flash_bwd_preprocess.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/utils.h"
+#include "sm80/flash_bwd_convert.h"
+#include "sm80/flash_bwd_kernel.h"
+#include "sm80/flash_bwd_preprocess.h"
 
 namespace jax_flash {
 

@@ -14,12 +14,12 @@
 #include <cmath>
 #include <type_traits>
 
-#include "flash.h"
-#include "mask.h"
-#include "softmax.h"
-#include "tile_copy.h"
-#include "tile_size.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/tile_copy.h"
+#include "common/utils.h"
+#include "sm80/softmax.h"
+#include "sm80/tile_size.h"
 
 namespace jax_flash {
 
