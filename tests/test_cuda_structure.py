@@ -73,7 +73,8 @@ def test_forward_is_one_custom_call_with_contract_operands():
           "tensor<0xi32>, tensor<0xi32>, tensor<2xi32>)") in call
   assert "-> (tensor<2x17x4x64xbf16>, tensor<2x4x17xf32>)" in call
   for attr in ("softcap = 2.000000e+01 : f32", "softmax_scale = 1.250000e-01",
-               "window_left = -1 : i32", "window_right = 0 : i32"):
+               "window_left = -1 : i32", "window_right = 0 : i32",
+               "kernel_arch = 80 : i32"):
     assert attr in call
 
 
@@ -178,14 +179,16 @@ def test_unsupported_reasons_name_the_argument():
 
 def test_build_info_parsing_and_head_dims(monkeypatch):
   info = library.BuildInfo.parse(
-      "fwd:bf16:128;bwd:bf16:128;fwd:bf16:64;fwd:fp16:96;bwd:fp16:96"
-      "|archs=80,90")
+      "sm80:fwd:bf16:128;sm80:bwd:bf16:128;sm80:fwd:bf16:64;sm80:fwd:fp16:96;"
+      "sm80:bwd:fp16:96|archs=80,90")
   assert info.head_dims("bf16") == (128,)       # 64 lacks a backward
   assert info.head_dims("fp16") == (96,)
   assert info.runs_on(86) and info.runs_on(90) and not info.runs_on(75)
   # Later GPUs run the embedded PTX of the newest arch; earlier ones nothing.
-  assert library.BuildInfo.parse("fwd:bf16:64|archs=90").runs_on(100)
-  assert not library.BuildInfo.parse("fwd:bf16:64|archs=90").runs_on(89)
+  assert library.BuildInfo.parse("sm80:fwd:bf16:64|archs=90").runs_on(100)
+  assert not library.BuildInfo.parse("sm80:fwd:bf16:64|archs=90").runs_on(89)
+  with pytest.raises(ValueError, match="rebuild"):
+    library.BuildInfo.parse("fwd:bf16:128|archs=80")
   loaded = library.Library(library.library_path(), None, info)
   monkeypatch.setattr(library, "_load", lambda: loaded)
   assert library.kernel_head_dim("bf16", 40) == 128
@@ -194,6 +197,71 @@ def test_build_info_parsing_and_head_dims(monkeypatch):
   big = _inputs(d=160)
   assert cuda.unsupported_reason(*big, CONFIG, MaskArrays()) == (
       "head dim 160 not compiled in this build (bf16)")
+
+
+class _FakeGpu:
+  def __init__(self, capability):
+    self.compute_capability = capability
+
+
+def _on_gpu(monkeypatch, capability):
+  """The default device, as kernel_arch sees it, is a GPU of `capability`."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [_FakeGpu(capability)])
+
+
+def _with_build(monkeypatch, text):
+  info = library.BuildInfo.parse(text)
+  monkeypatch.setattr(library, "_load",
+                      lambda: library.Library(library.library_path(), None,
+                                              info))
+
+
+SM90_FWD_128 = ("sm80:fwd:bf16:64;sm80:bwd:bf16:64;sm80:fwd:bf16:128;"
+                "sm80:bwd:bf16:128;sm90:fwd:bf16:128|archs=80,90")
+
+
+@pytest.mark.parametrize("capability,want", [("9.0", 90), ("8.0", 80),
+                                             ("10.0", 80)])
+def test_sm90_kernels_run_on_compute_capability_9(monkeypatch, capability,
+                                                  want):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, capability)
+  assert library.kernel_arch("fwd", "bf16", 128) == want
+  assert library.kernel_arch("bwd", "bf16", 128) == 80
+
+
+def test_sm80_kernel_on_sm90_is_logged_once_with_its_reason(monkeypatch,
+                                                            caplog):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setattr(library, "_logged_arch_choices", set())
+  for _ in range(2):
+    assert library.kernel_arch("fwd", "bf16", 64) == 80
+  reasons = [r.getMessage() for r in caplog.records]
+  assert reasons == ["jax_flash: running the sm80 kernel on sm_90: no sm90 "
+                     "fwd kernel is built for bf16 at head dim 64"]
+
+
+def test_only_sm80_built_logs_nothing_on_sm90(monkeypatch, caplog):
+  _with_build(monkeypatch, "sm80:fwd:bf16:128;sm80:bwd:bf16:128|archs=80,90")
+  _on_gpu(monkeypatch, "9.0")
+  assert library.kernel_arch("fwd", "bf16", 128) == 80
+  assert not caplog.records
+
+
+def test_forcing_an_arch(monkeypatch):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm80")
+  assert library.kernel_arch("fwd", "bf16", 128) == 80
+  # Only sm90 kernels count as built: no head dim has both directions.
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm90")
+  assert library.kernel_head_dim("bf16", 64) is None
+  assert library.kernel_arch("fwd", "bf16", 128) == 90
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm75")
+  with pytest.raises(ValueError, match="JAX_FLASH_FORCE_ARCH"):
+    library.kernel_arch("fwd", "bf16", 128)
 
 
 # ---- Running the rules on CPU, with the reference computing each shard ----

@@ -90,15 +90,18 @@ struct BwdParams : FwdParams {
   bool deterministic = false;
 };
 
-// One instantiation per (T, kHeadDim) is compiled from the files
-// build/generate_kernels.py writes; build/generated/kernel_list.h lists them.
-// T is __nv_bfloat16 or __half; kHeadDim = D = Dv. They return 0 once the
-// kernels are launched, or, launching nothing, the bytes of shared memory
-// per block the smallest variant needs when the device offers less.
-template <typename T, int kHeadDim>
+// One specialization per (kArch, T, kHeadDim) is compiled from the files
+// build/generate_kernels.py writes, each calling its arch's launch template
+// (csrc/sm80/, csrc/sm90/); build/generated/kernel_list.h declares them.
+// kArch is the architecture the kernel is written for (80: mma.sync, runs on
+// every GPU from sm_80 on; 90: sm_90a only), T is __nv_bfloat16 or __half;
+// kHeadDim = D = Dv. They return 0 once the kernels are launched, or,
+// launching nothing, the bytes of shared memory per block the smallest
+// variant needs when the device offers less.
+template <int kArch, typename T, int kHeadDim>
 int run_mha_fwd_(const FwdParams& params, cudaStream_t stream);
 
-template <typename T, int kHeadDim>
+template <int kArch, typename T, int kHeadDim>
 int run_mha_bwd_(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace jax_flash

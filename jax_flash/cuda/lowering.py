@@ -38,12 +38,17 @@ def _mask_operands(masks: Sequence[jax.Array], mask_names: tuple[str, ...],
   return [given.get(name, jnp.zeros((0,), dtype)) for name, dtype in operands]
 
 
-def _attributes(config: AttentionConfig) -> dict[str, np.generic]:
-  """The forward's FFI attributes, typed as the handlers decode them."""
+def _attributes(config: AttentionConfig, direction: str,
+                q: jax.Array) -> dict[str, np.generic]:
+  """The forward's FFI attributes, typed as the handlers decode them; the
+  kernel arch is chosen for `direction` at q's dtype and head dim."""
   left, right = config.effective_window
+  arch = library.kernel_arch(direction, library.DTYPE_NAMES[q.dtype],
+                             q.shape[3])
   return dict(softmax_scale=np.float32(config.softmax_scale),
               window_left=np.int32(left), window_right=np.int32(right),
-              softcap=np.float32(config.softcap))
+              softcap=np.float32(config.softcap),
+              kernel_arch=np.int32(arch))
 
 
 def forward_call(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -55,7 +60,7 @@ def forward_call(q: jax.Array, k: jax.Array, v: jax.Array,
              jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32))
   call = jax.ffi.ffi_call(library.FORWARD_TARGET, results)
   out, lse = call(q, k, v, *_mask_operands(masks, mask_names),
-                  **_attributes(config))
+                  **_attributes(config, "fwd", q))
   return out, lse
 
 
@@ -84,5 +89,5 @@ def backward_call(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
                             MASK_OPERANDS + BACKWARD_EXTRA_OPERANDS)
   dq, dk, dv, dalibi, _ = call(q, k, v, out, dout, lse, *optional,
                                deterministic=bool(config.deterministic),
-                               **_attributes(config))
+                               **_attributes(config, "bwd", q))
   return (dq, dk, dv, dalibi) if has_alibi else (dq, dk, dv)
