@@ -1,8 +1,10 @@
 """Checks and times the CUDA backward kernels through `jax_flash_bwd` itself.
 
-The handlers are registered straight from a built library and called with
-`jax.ffi.ffi_call`, without jax_flash's primitives, so a failure here points
-at csrc/. out and lse come from the library's forward when it has one, else
+The handlers are registered straight from a built library and called
+through `jax_flash.cuda.lowering` (the custom calls alone), without
+jax_flash's primitives, so a failure here points at csrc/.
+JAX_FLASH_FORCE_ARCH=sm80 checks the sm80 kernels on a GPU that would run
+sm90 ones. out and lse come from the library's forward when it has one, else
 from the float32 reference. Gradients are held to FlashAttention's rule
 against `jax.vjp` of the float32 reference: err <= 2 * err(reference in the
 input dtype) + atol * max|reference gradient|.
@@ -20,6 +22,7 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Optional
@@ -30,6 +33,8 @@ import numpy as np
 
 from jax_flash.bench import flops, timing
 from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import lowering
+from jax_flash.cuda.library import LIBRARY_ENV_VAR
 from jax_flash.reference import reference_attention
 
 ATOL = {jnp.bfloat16: 1e-3, jnp.float16: 1e-4}
@@ -81,10 +86,10 @@ class Library:
   """The built library with its handlers registered under their names."""
 
   def __init__(self, path: str):
+    # jax_flash.cuda.library loads the same file: the workspace size and
+    # the kernel arch of each call come from it.
+    os.environ[LIBRARY_ENV_VAR] = path
     self.lib = ctypes.CDLL(path)
-    self.lib.jax_flash_bwd_workspace_bytes.restype = ctypes.c_int64
-    self.lib.jax_flash_bwd_workspace_bytes.argtypes = [ctypes.c_int64] * 7 + [
-        ctypes.c_int32]
     jax.ffi.register_ffi_target(
         "jax_flash_bwd", jax.ffi.pycapsule(self.lib.JaxFlashBwd),
         platform="CUDA")
@@ -94,58 +99,21 @@ class Library:
           "jax_flash_fwd", jax.ffi.pycapsule(self.lib.JaxFlashFwd),
           platform="CUDA")
 
-  def workspace_bytes(self, q, k, deterministic: bool) -> int:
-    """`jax_flash_bwd_workspace_bytes` for these shapes."""
-    b, sq, h, d = q.shape
-    _, sk, hkv, _ = k.shape
-    return int(self.lib.jax_flash_bwd_workspace_bytes(b, sq, sk, h, hkv, d,
-                                                      d, int(deterministic)))
-
-
-def _mask_operands(masks: MaskArrays) -> list[jax.Array]:
-  """The five optional mask operands, empty where absent."""
-  def given(x, dtype):
-    return jnp.zeros((0,), dtype) if x is None else x
-  return [given(masks.alibi_slopes, jnp.float32),
-          given(masks.q_segment_ids, jnp.int32),
-          given(masks.kv_segment_ids, jnp.int32),
-          given(masks.q_lengths, jnp.int32),
-          given(masks.kv_lengths, jnp.int32)]
-
-
-def _attributes(config: AttentionConfig) -> dict[str, Any]:
-  left, right = config.effective_window
-  return dict(softmax_scale=np.float32(config.softmax_scale),
-              window_left=np.int32(left), window_right=np.int32(right),
-              softcap=np.float32(config.softcap))
-
 
 def forward(q, k, v, config: AttentionConfig, masks: MaskArrays):
   """`jax_flash_fwd`: (out, lse)."""
-  b, sq, h, _ = q.shape
-  results = (jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype),
-             jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
-  return jax.ffi.ffi_call("jax_flash_fwd", results)(
-      q, k, v, *_mask_operands(masks), **_attributes(config))
+  arrays, names = lowering.given_masks(masks)
+  return lowering.forward_call(q, k, v, *arrays, config=config,
+                               mask_names=names)
 
 
-def backward(library: Library, q, k, v, out, dout, lse,
-             config: AttentionConfig, masks: MaskArrays):
-  """`jax_flash_bwd`: (dq, dk, dv, dalibi)."""
-  b, _, h, _ = q.shape
-  dalibi = (b, h) if masks.alibi_slopes is not None else (0,)
-  results = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-             jax.ShapeDtypeStruct(k.shape, k.dtype),
-             jax.ShapeDtypeStruct(v.shape, v.dtype),
-             jax.ShapeDtypeStruct(dalibi, jnp.float32),
-             jax.ShapeDtypeStruct(
-                 (library.workspace_bytes(q, k, config.deterministic),),
-                 jnp.uint8))
-  dq, dk, dv, dalibi, _ = jax.ffi.ffi_call("jax_flash_bwd", results)(
-      q, k, v, out, dout, lse, *_mask_operands(masks),
-      jnp.zeros((0,), jnp.float32),  # dlse: none (the pytest suite covers it)
-      deterministic=bool(config.deterministic), **_attributes(config))
-  return dq, dk, dv, dalibi
+def backward(q, k, v, out, dout, lse, config: AttentionConfig,
+             masks: MaskArrays):
+  """`jax_flash_bwd`: (dq, dk, dv), and dalibi with alibi slopes; no dlse
+  (the pytest suite covers it)."""
+  arrays, names = lowering.given_masks(masks)
+  return lowering.backward_call(q, k, v, out, dout, lse, *arrays,
+                                config=config, mask_names=names)
 
 
 def make_inputs(problem: Problem, seed: int):
@@ -191,7 +159,7 @@ def max_abs_err(a, b) -> float:
   return float(jnp.max(jnp.where(jnp.isnan(diff), jnp.inf, diff)))
 
 
-def check(library: Library, problem: Problem, seed: int,
+def check(problem: Problem, seed: int,
           use_forward: bool = False) -> dict[str, Any]:
   """Runs one problem; returns errors, budgets and the verdict.
 
@@ -204,7 +172,7 @@ def check(library: Library, problem: Problem, seed: int,
     out, lse = jax.jit(forward, static_argnums=3)(q, k, v, config, masks)
   else:
     out, lse = reference_attention(q, k, v, config, masks)
-  run = jax.jit(lambda *a: backward(library, *a, config, masks))
+  run = jax.jit(lambda *a: backward(*a, config, masks))
   got = run(q, k, v, out, dout, lse)
   grads = jax.jit(reference_grads, static_argnames=("config", "upcast"))
   exact = grads(q, k, v, dout, config=config, masks=masks, upcast=True)
@@ -278,11 +246,11 @@ def bench(library: Library, seq_len: int, causal: bool,
     sets.append((q, k, v, dout))
   fwd = jax.jit(lambda q, k, v: forward(q, k, v, config, masks))
   bwd = jax.jit(lambda q, k, v, o, do, lse: backward(
-      library, q, k, v, o, do, lse, config, masks)[:3])
+      q, k, v, o, do, lse, config, masks)[:3])
 
   def fwd_bwd(q, k, v, do):
     out, lse = forward(q, k, v, config, masks)
-    return backward(library, q, k, v, out, do, lse, config, masks)[:3]
+    return backward(q, k, v, out, do, lse, config, masks)[:3]
 
   bwd_sets = []
   for q, k, v, do in sets:
@@ -344,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     numbered = [numbered[int(i)] for i in args.checks.split(",")]
   for seed, (problem, use_forward) in numbered:
     try:
-      record = check(library, problem, seed, use_forward)
+      record = check(problem, seed, use_forward)
     except Exception as e:  # pylint: disable=broad-except
       record = {"problem": problem.label(), "ok": False, "error": repr(e)}
     records.append(record)

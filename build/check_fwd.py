@@ -1,9 +1,11 @@
 """GPU check of the CUDA forward kernel: correctness against the float32
 reference, then speed against PyTorch's FlashAttention-2 (sdpa flash backend).
 
-Calls the handler directly through `jax.ffi.ffi_call("jax_flash_fwd", ...)`
-(no jax_flash.cuda glue), so it tests csrc/ alone. Needs a GPU, the built
-jax_flash/_lib/libjax_flash_cuda.so, and torch for the timings.
+Calls the handler directly through `jax_flash.cuda.lowering.forward_call`
+(the custom call alone, without jax_flash's primitives), so it tests csrc/
+alone. Needs a GPU, the built jax_flash/_lib/libjax_flash_cuda.so, and torch
+for the timings. JAX_FLASH_FORCE_ARCH=sm80 checks the sm80 kernels on a GPU
+that would run sm90 ones.
 
   PYTHONPATH=. python3 build/check_fwd.py [--skip-timing] [--log DIR]
 
@@ -18,6 +20,7 @@ import argparse
 import ctypes
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import lowering
+from jax_flash.cuda.library import LIBRARY_ENV_VAR
 from jax_flash.reference import reference_attention
 
 LIB = (pathlib.Path(__file__).resolve().parent.parent / "jax_flash" / "_lib" /
@@ -36,6 +41,7 @@ LIB = (pathlib.Path(__file__).resolve().parent.parent / "jax_flash" / "_lib" /
 
 def register(path: pathlib.Path) -> str:
   """Loads the library, registers jax_flash_fwd; returns its build info."""
+  os.environ[LIBRARY_ENV_VAR] = str(path)  # for kernel_arch
   lib = ctypes.CDLL(str(path))
   lib.jax_flash_build_info.restype = ctypes.c_char_p
   jax.ffi.register_ffi_target("jax_flash_fwd",
@@ -44,27 +50,10 @@ def register(path: pathlib.Path) -> str:
   return lib.jax_flash_build_info().decode()
 
 
-def empty(dtype) -> jax.Array:
-  return jnp.zeros((0,), dtype)
-
-
 def kernel_fwd(q, k, v, cfg: AttentionConfig, masks: MaskArrays):
   """out, lse from the custom call."""
-  b, sq, h, _ = q.shape
-  left, right = cfg.effective_window
-  call = jax.ffi.ffi_call(
-      "jax_flash_fwd",
-      (jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
-       jax.ShapeDtypeStruct((b, h, sq), jnp.float32)))
-  opt = lambda x, dt: empty(dt) if x is None else x
-  return call(q, k, v, opt(masks.alibi_slopes, jnp.float32),
-              opt(masks.q_segment_ids, jnp.int32),
-              opt(masks.kv_segment_ids, jnp.int32),
-              opt(masks.q_lengths, jnp.int32),
-              opt(masks.kv_lengths, jnp.int32),
-              softmax_scale=np.float32(cfg.softmax_scale),
-              window_left=np.int32(left), window_right=np.int32(right),
-              softcap=np.float32(cfg.softcap))
+  arrays, names = lowering.given_masks(masks)
+  return lowering.forward_call(q, k, v, *arrays, config=cfg, mask_names=names)
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ lowering whose per-shard function is the reference attention: XLA then
 partitions and runs them on the 8 fake devices of conftest.py.
 """
 
+import pathlib
 import re
 
 import jax
@@ -17,9 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import random_qkv
 from jax_flash import cuda
 from jax_flash.config import AttentionConfig, MaskArrays
-from jax_flash.cuda import library, primitives
+from jax_flash.cuda import library, lowering, primitives
 from jax_flash.reference import reference_attention
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = AttentionConfig(softmax_scale=0.125, causal=True, softcap=20.0)
 on_cpu = pytest.mark.skipif(
     jax.default_backend() != "cpu",
@@ -59,6 +61,45 @@ def _loss(attend, with_lse=False):
     total = jnp.sum(out.astype(jnp.float32))
     return total + jnp.sum(lse) if with_lse else total
   return loss
+
+
+def _handler_names(source):
+  """{kind: names} of the FFI handler in csrc/ffi/<source>: from its Bind()
+  chain (the comment after each .Arg/.Ret names it), and the parameters of
+  the function it binds, which must agree."""
+  text = (ROOT / "csrc" / "ffi" / source).read_text()
+  chain = text[text.index("ffi::Ffi::Bind()"):text.index("{ffi::Traits")]
+  names = {"operand": re.findall(r"\.Arg<.*?//\s*(\w+)", chain),
+           "result": re.findall(r"\.Ret<.*?//\s*(\w+)", chain),
+           "attribute": re.findall(r'\.Attr<\w+>\("(\w+)"\)', chain)}
+  impl = re.search(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\(\s*\w+,\s*[\w:]*?(\w+),",
+                   text).group(1)
+  params = re.search(impl + r"\((.*?)\)\s*\{", text, re.S).group(1)
+  bound = [p.split()[-1] for p in params.split(",")][1:]  # after the stream
+  assert bound == sum(names.values(), []), (source, bound)
+  return names
+
+
+def _contract_names(target):
+  """{kind: names} of the table under `target` in docs/ffi_contract.md."""
+  text = (ROOT / "docs" / "ffi_contract.md").read_text()
+  section = text[text.index(f"## `{target}`"):]
+  section = section[:section.index("\n## ", 1)]
+  names = {"operand": [], "result": [], "attribute": []}
+  for kind, name in re.findall(r"^\| (operand|result|attribute) \| (\w+) \|",
+                               section, re.M):
+    names[kind].append(name)
+  return names
+
+
+@pytest.mark.parametrize("call,source", [(lowering.FORWARD, "ffi_fwd.cu"),
+                                         (lowering.BACKWARD, "ffi_bwd.cu")])
+def test_one_operand_list_for_handlers_lowering_and_docs(call, source):
+  python = {"operand": list(call.operands) + [n for n, _ in call.optional],
+            "result": list(call.results),
+            "attribute": list(call.attributes)}
+  assert _handler_names(source) == python
+  assert _contract_names(call.target) == python
 
 
 def test_forward_is_one_custom_call_with_contract_operands():

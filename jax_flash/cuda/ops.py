@@ -37,13 +37,6 @@ def _padded_dim(dtype: jnp.dtype, needed: int) -> int:
   return dim
 
 
-def _given(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
-  """The mask arrays that are present, and their names."""
-  names = tuple(name for name, _ in lowering.MASK_OPERANDS
-                if getattr(masks, name) is not None)
-  return [getattr(masks, name) for name in names], names
-
-
 def _register_handlers() -> None:
   """Registers the FFI handlers when they can run here (once, at trace time).
 
@@ -64,7 +57,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array,
   _register_handlers()
   value_dim = v.shape[3]
   dim = _padded_dim(q.dtype, max(q.shape[3], value_dim))
-  arrays, names = _given(masks)
+  arrays, names = lowering.given_masks(masks)
   out, lse = primitives.forward(
       *(layout.pad_axis(x, 3, dim) for x in (q, k, v)), arrays,
       config=config, mask_names=names)
@@ -84,7 +77,7 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
   head_dim, value_dim = q.shape[3], v.shape[3]
   dim = _padded_dim(q.dtype, max(head_dim, value_dim))
   pad = lambda x: layout.pad_axis(x, 3, dim)
-  arrays, names = _given(masks)
+  arrays, names = lowering.given_masks(masks)
   if dlse is not None:
     arrays.append(dlse.astype(jnp.float32))
     names += ("dlse",)
