@@ -264,7 +264,7 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   float acc_dv[Traits::kKvM16][Traits::kKvN8][4];
   zero(acc_dk);
   zero(acc_dv);
-  const Softcap softcap = Softcap::make(p);
+  ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
   const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
 
   for (int step = 0; step < num_steps; ++step) {
@@ -330,7 +330,7 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     // already) also dS = P * (dP - delta) * d(softcap) in place of dP.
     // kMask: kNoMask (every element visible), kRangeMask (each row sees a
     // range of keys) or kSegmentMask (and only keys of its segment).
-    const Alibi alibi = Alibi::make(p, b, h, mask);
+    score_mod.alibi = Alibi::make(p, b, h, mask);  // of this step's head
     float alibi_rows[kSM16][2][3] = {};
     auto probs = [&](auto masked, auto with_grads) {
       constexpr int kMask = decltype(masked)::value;
@@ -346,14 +346,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
           const float lse2 = i < p.seqlen_q && lse != -INFINITY
               ? lse * kLog2e : INFINITY;
           [[maybe_unused]] const float delta = s_delta[stage * kBlockM + r];
-          int key_lo = 0, key_hi = 0, q_seg = 0;
-          if constexpr (kMask != kNoMask) {
-            key_lo = mask.row_key_begin(i);
-            key_hi = mask.row_key_end(i);
-          }
-          if constexpr (kMask == kSegmentMask) {
-            q_seg = i < p.seqlen_q ? mask.q_segment_ids[i] : 0;
-          }
+          [[maybe_unused]] MaskRow row = {};
+          if constexpr (kMask != kNoMask) row = mask.row(i);
 #pragma unroll
           for (int nj = 0; nj < kSN8; ++nj) {
 #pragma unroll
@@ -363,19 +357,14 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
               float prob;
               [[maybe_unused]] float capped = 0.f;
               if constexpr (kScoreMod) {
-                capped = softcap.enabled() ? softcap(sv * p.softmax_scale)
-                                           : sv * p.softmax_scale;
-                const float logit =
-                    alibi.enabled() ? capped + alibi(i, j) : capped;
+                const float logit = score_mod(sv, i, j, &capped);
                 prob = exp2_approx(logit * kLog2e - lse2);
               } else {
                 prob = exp2_approx(sv * p.softmax_scale_log2 - lse2);
               }
               if constexpr (kMask != kNoMask) {
-                bool visible = j >= key_lo && j < key_hi;
-                if constexpr (kMask == kSegmentMask) {
-                  visible = visible && q_seg == s_kv_seg[jt];
-                }
+                const bool visible = kMask == kSegmentMask
+                    ? row.sees(j, s_kv_seg[jt]) : row.sees(j);
                 prob = visible ? prob : 0.f;
               }
               sv = prob;
@@ -386,14 +375,14 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
                   if (want_dalibi) {
                     // d logit / d slope = -|d|; summed per row with the
                     // row's own delta by the dalibi reduction.
-                    const float dist = -alibi.grad_slope(i, j);
+                    const float dist = -score_mod.alibi.grad_slope(i, j);
                     const float pdp = prob * dpv;
                     alibi_rows[mi][e][0] += pdp * dist;
                     alibi_rows[mi][e][1] += prob * dist;
                     alibi_rows[mi][e][2] += pdp;
                   }
-                  if (softcap.enabled()) {
-                    ds *= softcap.grad_from_output(capped);
+                  if (score_mod.softcap.enabled()) {
+                    ds *= score_mod.softcap.grad_from_output(capped);
                   }
                 }
                 dpv = ds;

@@ -256,17 +256,15 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
       for (int mb = 0; mb < kRowBlocks; ++mb) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int i = row_base + 16 * mb + 8 * r;
-          // Columns of this lane are n0 + 8 nt + 2t + e: compare once per
-          // row against the row's visible key range, shifted to the tile.
-          const int lo = mask.row_key_begin(i) - n0 - 2 * t;
-          const int hi = mask.row_key_end(i) - n0 - 2 * t;
+          // Columns of this lane are n0 + 8 nt + 2t + e: the row's keys
+          // counted from n0 + 2t, so that each test has a constant offset.
+          const MaskRow row =
+              mask.row(row_base + 16 * mb + 8 * r).from(n0 + 2 * t);
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int jj = nt * 8 + e;
-              if (jj < lo || jj >= hi) s[mb][nt][2 * r + e] = -INFINITY;
+              if (!row.sees(nt * 8 + e)) s[mb][nt][2 * r + e] = -INFINITY;
             }
           }
         }
@@ -283,7 +281,7 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
                 const int i = min(row_base + 16 * mb + 8 * r, p.seqlen_q - 1);
-                if (mask.q_segment_ids[i] != kv_seg) {
+                if (!MaskRow::same_segment(mask.q_segment_ids[i], kv_seg)) {
                   s[mb][nt][2 * r + e] = -INFINITY;
                 }
               }
