@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flash.config import AttentionConfig, MaskArrays
-from jax_flash.cuda import lowering
+from jax_flash.cuda import instantiations, lowering
 from jax_flash.cuda.library import LIBRARY_ENV_VAR
 from jax_flash.reference import reference_attention
 
@@ -148,7 +148,7 @@ def check(c: Case, seed: int) -> dict:
 
 def cases() -> list[Case]:
   out = []
-  for d in (32, 64, 96, 128, 160, 192, 224, 256):
+  for d in instantiations.HEAD_DIMS:
     for causal in (False, True):
       out.append(Case(f"d{d} causal={causal}", d=d, causal=causal))
   out.append(Case("fp16 d64", d=64, dtype="float16"))

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import jax
 
+from jax_flash import cuda
 from jax_flash.blockwise import blockwise_attention
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.reference import reference_attention
@@ -18,20 +19,8 @@ logger = logging.getLogger("jax_flash")
 _logged_fallbacks: set[str] = set()
 
 
-def _cuda_module():
-  """The CUDA backend module, or None when this installation lacks it."""
-  try:
-    from jax_flash import cuda
-  except ImportError:
-    return None
-  return cuda
-
-
 def cuda_unavailable_reason() -> Optional[str]:
   """Why the CUDA kernels cannot run here at all, or None if they can."""
-  cuda = _cuda_module()
-  if cuda is None:
-    return "jax_flash was installed without its CUDA extension"
   return cuda.unavailable_reason()
 
 
@@ -51,9 +40,9 @@ def select(implementation: Optional[str], q: jax.Array, k: jax.Array,
   unavailable = cuda_unavailable_reason()
   unsupported = None
   if unavailable is None:
-    unsupported = _cuda_module().unsupported_reason(q, k, v, config, masks)
+    unsupported = cuda.unsupported_reason(q, k, v, config, masks)
     if unsupported is None:
-      return _cuda_module().attention
+      return cuda.attention
   if implementation == "cuda":
     raise ValueError("implementation='cuda' cannot serve this call: "
                      f"{unavailable or unsupported}")
