@@ -30,8 +30,8 @@
 #include "common/utils.h"
 #include "sm80/flash_bwd_preprocess.h"
 #include "sm80/flash_bwd_tile_size.h"
-#include "sm80/flash_bwd_warp_mma.h"
 #include "sm80/tile_size.h"
+#include "sm80/warp_mma.h"
 
 namespace jax_flash {
 
