@@ -115,9 +115,8 @@ ffi::Error JaxFlashBwdImpl(
   p.num_heads = static_cast<int>(H);
   p.num_heads_kv = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
-  p.head_dim_v = static_cast<int>(Dv);
   p.softmax_scale = softmax_scale;
-  p.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
+  p.softmax_scale_log2 = softmax_scale * kLog2e;
   p.window_left = window_left;
   p.window_right = window_right;
   p.softcap = softcap;

@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -96,9 +95,8 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   p.num_heads = static_cast<int>(H);
   p.num_heads_kv = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
-  p.head_dim_v = static_cast<int>(Dv);
   p.softmax_scale = softmax_scale;
-  p.softmax_scale_log2 = softmax_scale * static_cast<float>(M_LOG2E);
+  p.softmax_scale_log2 = softmax_scale * kLog2e;
   p.window_left = window_left < 0 ? -1 : window_left;
   p.window_right = window_right < 0 ? -1 : window_right;
   p.softcap = softcap > 0.f ? softcap : 0.f;

@@ -60,14 +60,14 @@ struct BwdKernelTraits {
   static constexpr int kSmemBytes =
       (2 * kTileK + 2 * kQStages * kTileQ + 2 * kTileP) * sizeof(T) +
       (2 * kQStages * kBlockM + kBlockN + 16 * kBlockM) * 4;
-  static_assert(kSmemBytes <= 227 * 1024, "over the sm90 limit per CTA");
+  static_assert(kSmemBytes <= kSm90SmemPerBlock, "over the sm90 limit per CTA");
   // sm90: dQ of a step staged in shared memory, kBlockM rows of D floats
   // (padded by 8 floats so that the fragment writes hit distinct banks),
   // where it fits beside two Q/dO stages.
   static constexpr int kDqPitch = kHeadDim + 8;
   static constexpr int kSmemBytesStagedDq = kSmemBytes + kBlockM * kDqPitch * 4;
   static constexpr bool kCanStageDq =
-      kQStages == 2 && kSmemBytesStagedDq <= 227 * 1024;
+      kQStages == 2 && kSmemBytesStagedDq <= kSm90SmemPerBlock;
 
   // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
   static constexpr int kSM16 = kBlockM / 2 / 16;
@@ -124,7 +124,6 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kPitch = Traits::kPitch, kPitchP = Traits::kPitchP;
   constexpr int kSM16 = Traits::kSM16, kSN8 = Traits::kSN8;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(16) char smem[];
   T* sK = reinterpret_cast<T*>(smem);
