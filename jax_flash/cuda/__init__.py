@@ -2,10 +2,12 @@
 
 Importing this package never needs a GPU or the compiled library; the
 dispatcher asks `unavailable_reason()` and `unsupported_reason(...)` before
-calling `attention`. Layers, one module each: `library` (find, load and
-register the shared library), `lowering` (the FFI custom calls),
-`partitioning` (sharding rules), `primitives` (abstract evaluation,
-batching, lowering registration) and `ops` (padding and the custom VJP).
+calling `attention`. Layers, one module each: `instantiations` (the head
+dims and archs kernels can be built for, shared with the build), `library`
+(find, load and register the shared library; the kernel arch of each call),
+`lowering` (the FFI custom calls and their operand lists), `partitioning`
+(sharding rules), `primitives` (abstract evaluation, batching, lowering
+registration) and `ops` (padding and the custom VJP).
 
 Letters: B batch, Sq/Sk query/key length, H query heads, Hkv KV heads, D
 head dim of q and k, Dv head dim of v.
