@@ -13,6 +13,8 @@ from jax_flash.config import AttentionConfig, MaskArrays
 
 Implementation = Optional[Literal["xla", "reference", "cuda"]]
 SegmentIds = Union[jax.Array, tuple[jax.Array, jax.Array]]
+"""Segment ids: one integer array that queries and keys share
+(self-attention), or a (query ids, key ids) pair."""
 
 
 def flash_attention(

@@ -59,12 +59,6 @@ class AttentionConfig:
       right = 0 if right < 0 else min(right, 0)
     return self.window_left, right
 
-  @property
-  def has_window(self) -> bool:
-    """True when some key is masked by position alone (causal or window)."""
-    left, right = self.effective_window
-    return left >= 0 or right >= 0
-
 
 class MaskArrays(NamedTuple):
   """Optional dynamic inputs of an attention call, batch dimension included.
