@@ -9,12 +9,16 @@ from jax_flash.attention import flash_attention
 from jax_flash.config import MAX_HEAD_DIM, AttentionConfig, MaskArrays
 from jax_flash.first_order import HigherOrderDerivativeError
 from jax_flash.merge import merge_attention_states
+from jax_flash.ring import load_balance, ring_attention, unload_balance
 
 __version__ = "0.1.0"
 
 __all__ = [
     "flash_attention",
     "merge_attention_states",
+    "ring_attention",
+    "load_balance",
+    "unload_balance",
     "AttentionConfig",
     "MaskArrays",
     "MAX_HEAD_DIM",
