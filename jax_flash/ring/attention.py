@@ -22,7 +22,6 @@ from jax_flash.first_order import first_order_only
 from jax_flash.merge import merge_attention_states
 from jax_flash.ring import steps
 from jax_flash.ring.plan import RingPlan, Term
-from jax_flash.ring.reorder import check_divisible
 
 
 def ring_attention(
@@ -87,10 +86,12 @@ def ring_attention(
     raise ValueError(
         "ring_attention needs query and key of the same length, got query "
         f"of shape {tuple(query.shape)} and key of shape {tuple(key.shape)}")
-  if load_balanced:
-    check_divisible("ring_attention(load_balanced=True): query", q.shape, 1,
-                    2, f"2 (the global length {num_shards * q.shape[1]} "
-                    f"cut in 2 * {num_shards} chunks)")
+  if load_balanced and q.shape[1] % 2:
+    raise ValueError(
+        f"ring_attention(load_balanced=True): query of shape "
+        f"{tuple(query.shape)} on each of {num_shards} shards: the global "
+        f"length {num_shards * q.shape[1]} must be divisible by 2 * "
+        f"{num_shards} (load_balance cuts it in 2 * num_shards chunks)")
   if masks.alibi_slopes is not None:
     # Slopes vary over the ring like the queries they scale; the gradient of
     # a copy shared by all shards is then summed over the axis by autodiff.
@@ -112,23 +113,26 @@ def _shard(plan: RingPlan):
 
 
 def _send(plan: RingPlan, tree):
-  """Every array of `tree` to the next shard of the ring."""
+  """Every array of `tree` to the next shard of the ring (none on one)."""
+  if plan.num_shards == 1:
+    return tree
   perm = [(j, (j + 1) % plan.num_shards) for j in range(plan.num_shards)]
   return jax.tree_util.tree_map(
       lambda x: jax.lax.ppermute(x, plan.axis_name, perm), tree)
 
 
 def _around_the_ring(plan: RingPlan, step: Callable, carry):
-  """carry = step(source, carry, last) for the n steps of the ring.
+  """carry = step(source, carry) for the n steps of the ring.
 
-  At step t the block in hand comes from shard source = (i - t) mod n; the
-  step sends what it passes on itself (`last` says there is no next step).
+  At step t the block in hand comes from shard source = (i - t) mod n. Each
+  step sends its block on, the last one too (the block is then back home):
+  one loop body, compiled once, serves every step.
   """
   shard, n = _shard(plan), plan.num_shards
-  if n > 1:
-    carry = jax.lax.fori_loop(
-        0, n - 1, lambda t, c: step((shard - t) % n, c, False), carry)
-  return step((shard - (n - 1)) % n, carry, True)
+  if n == 1:
+    return step(shard, carry)
+  return jax.lax.fori_loop(0, n, lambda t, c: step((shard - t) % n, c),
+                           carry)
 
 
 def _when(active, compute: Callable, skip: Callable):
@@ -160,9 +164,9 @@ def _forward(plan: RingPlan, q: jax.Array, k: jax.Array, v: jax.Array,
   zeros = lambda shape: layout.zeros_varying_like(shape, q, k, v, masks)
   shard = _shard(plan)
 
-  def step(source, carry, last):
+  def step(source, carry):
     block, out, lse = carry
-    ahead = block if last else _send(plan, block)
+    ahead = _send(plan, block)
     for term in plan.terms():
       t = _TermInputs(plan, term, q, block, masks, shard, source)
 
@@ -193,9 +197,9 @@ def _backward(plan: RingPlan, q, k, v, masks, out, lse, dout, dlse):
   zeros = lambda x: layout.zeros_varying_like(x.shape, q, k, v, masks)
   shard = _shard(plan)
 
-  def step(source, carry, last):
+  def step(source, carry):
     block, (dk, dv), dq, dalibi = carry
-    ahead = block if last else _send(plan, block)
+    ahead = _send(plan, block)
     for term in plan.terms():
       t = _TermInputs(plan, term, q, block, masks, shard, source)
 
@@ -217,8 +221,7 @@ def _backward(plan: RingPlan, q, k, v, masks, out, lse, dout, dlse):
       dv = dv.at[:, t.cols].add(dv_t)
       if dalibi is not None:
         dalibi = dalibi + dalibi_t
-    grads = (dk, dv) if plan.num_shards == 1 else _send(plan, (dk, dv))
-    return ahead, grads, dq, dalibi
+    return ahead, _send(plan, (dk, dv)), dq, dalibi
 
   slopes = masks.alibi_slopes
   init = ((k, v, masks.kv_segment_ids), (zeros(k), zeros(v)), zeros(q),

@@ -14,15 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_divisible(name: str, shape: tuple[int, ...], axis: int,
-                    parts: int, what: str) -> None:
-  """Raises ValueError unless dimension `axis` of `shape` splits in `parts`."""
-  if shape[axis] % parts:
-    raise ValueError(
-        f"{name} of shape {tuple(shape)}: the sequence length "
-        f"{shape[axis]} (axis {axis}) must be divisible by {what} = {parts}")
-
-
 def _chunk_order(x: jax.Array, num_shards: int, axis: int,
                  inverse: bool, name: str) -> tuple[np.ndarray, int]:
   if (not isinstance(num_shards, numbers.Integral) or
@@ -33,8 +24,11 @@ def _chunk_order(x: jax.Array, num_shards: int, axis: int,
     raise ValueError(f"{name}: axis {axis} is out of range for x of shape "
                      f"{tuple(x.shape)}")
   axis %= x.ndim
-  check_divisible(f"{name}: x", x.shape, axis, 2 * num_shards,
-                  "2 * num_shards")
+  if x.shape[axis] % (2 * num_shards):
+    raise ValueError(
+        f"{name}: x of shape {tuple(x.shape)}: the sequence length "
+        f"{x.shape[axis]} (axis {axis}) must be divisible by 2 * num_shards "
+        f"= {2 * num_shards}")
   early = np.arange(num_shards)
   order = np.stack([early, 2 * num_shards - 1 - early], axis=1).reshape(-1)
   return (np.argsort(order) if inverse else order), axis
