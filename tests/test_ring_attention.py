@@ -228,3 +228,33 @@ def test_lengths_that_do_not_split_are_rejected():
   # Everything else is checked as flash_attention checks it.
   with pytest.raises(ValueError, match="window_size"):
     ring(window_size=(1, 2, 3))(q, q)
+
+
+def test_flash_attention_on_an_explicitly_sharded_sequence_runs_the_ring():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((2, 4), ("data", "seq"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  q, k, v, ids, _, g_out, _ = _inputs(8)
+  rows = jax.sharding.NamedSharding(mesh, P("data", "seq"))
+  put = lambda x: jax.device_put(x, rows)
+
+  def loss(attend, q, k, v, ids):
+    out = attend(q, k, v, segment_ids=ids, causal=True)
+    return jnp.sum(out * g_out), out
+
+  def attend(q, k, v, **kw):
+    return jax_flash.flash_attention(q, k, v, implementation="xla", **kw)
+
+  compiled = jax.jit(jax.grad(functools.partial(loss, attend), (0, 1, 2),
+                              has_aux=True)).lower(
+      put(q), put(k), put(v), put(ids)).compile()
+  grads, out = compiled(put(q), put(k), put(v), put(ids))
+  assert_ring_only(compiled.as_text())
+  assert out.sharding.spec[:2] == ("data", "seq")
+  reference = functools.partial(jax_flash.flash_attention,
+                                implementation="reference")
+  want_grads, want = jax.grad(functools.partial(loss, reference), (0, 1, 2),
+                              has_aux=True)(q, k, v, ids)
+  for a, b in zip((out,) + tuple(grads), (want,) + tuple(want_grads)):
+    assert max_abs_err(a, b) <= 2e-5 * max(1.0, float(jnp.max(jnp.abs(b))))

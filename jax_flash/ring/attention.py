@@ -21,7 +21,7 @@ from jax_flash.config import MaskArrays
 from jax_flash.first_order import first_order_only
 from jax_flash.merge import merge_attention_states
 from jax_flash.ring import steps
-from jax_flash.ring.plan import RingPlan, Term
+from jax_flash.ring.plan import AxisName, RingPlan, Term
 
 
 def ring_attention(
@@ -29,7 +29,7 @@ def ring_attention(
     key: jax.Array,
     value: jax.Array,
     *,
-    axis_name: str,
+    axis_name: AxisName,
     causal: bool = False,
     window_size: Optional[tuple[int, int]] = None,
     softcap: Optional[float] = None,
@@ -51,7 +51,8 @@ def ring_attention(
       queries.
     key: (B, S / n, Hkv, D): the keys of the same positions.
     value: (B, S / n, Hkv, Dv).
-    axis_name: the mesh axis the sequence dimension is split over. Shard i
+    axis_name: the mesh axis (or tuple of axes) the sequence dimension is
+      split over. Shard i
       holds the i-th contiguous part of the sequence, or with
       `load_balanced` the chunks i and 2n - 1 - i of 2n.
     causal, window_size, softcap, softmax_scale, alibi_slopes: as in

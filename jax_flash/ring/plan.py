@@ -35,6 +35,7 @@ from jax_flash import masking
 from jax_flash.config import AttentionConfig, MaskArrays
 
 Index = Union[int, jax.Array]
+AxisName = Union[str, tuple[str, ...]]
 
 
 class When(enum.Enum):
@@ -70,7 +71,7 @@ class RingPlan:
   """The static description of one ring attention call.
 
   Attributes:
-    axis_name: the mesh axis the sequence is split over.
+    axis_name: the mesh axis (or axes) the sequence is split over.
     num_shards: n, its size.
     local_len: S / n, the local query and key length.
     load_balanced: shards hold chunks i and 2n - 1 - i of 2n.
@@ -79,7 +80,7 @@ class RingPlan:
     implementation: as `flash_attention`'s, chosen per term.
   """
 
-  axis_name: str
+  axis_name: AxisName
   num_shards: int
   local_len: int
   load_balanced: bool
