@@ -62,3 +62,22 @@ def test_sharded_training_attention_adds_no_collective():
   assert flash["step_collectives"].get("all-reduce", 0) > 0
   assert flash["step_collectives"] == xla["step_collectives"]
   assert math.isfinite(flash["final_loss"])
+
+
+def test_long_context_trains_with_the_sequence_on_a_ring():
+  script = (
+      "import json, long_context\n"
+      f"run = long_context.main({TINY!r})\n"
+      "print('RESULT', json.dumps(run))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=EXAMPLES,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh: {'seq': 8} over 8 cpu devices" in proc.stdout
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  run = json.loads(line.split(" ", 1)[1])
+  # K/V go around the ring; nothing gathers the sequence.
+  assert run["step_collectives"].get("collective-permute", 0) > 0
+  assert "all-gather" not in run["step_collectives"]
+  assert run["final_loss"] < run["first_loss"] - 0.1
