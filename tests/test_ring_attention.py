@@ -258,3 +258,16 @@ def test_flash_attention_on_an_explicitly_sharded_sequence_runs_the_ring():
                               has_aux=True)(q, k, v, ids)
   for a, b in zip((out,) + tuple(grads), (want,) + tuple(want_grads)):
     assert max_abs_err(a, b) <= 2e-5 * max(1.0, float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("options", [dict(causal=True),
+                                     dict(window_size=(7, 2))], ids=str)
+def test_ring_of_one_is_flash_attention(options):
+  args = _inputs(9, length=32)
+  got, text = _loss_and_results(_ring(1, True, dict(
+      options, implementation="xla")), *args)
+  want, _ = _loss_and_results(_unsharded(options), *args)
+  for a, b in zip(got[:5], want[:5]):
+    assert max_abs_err(a, b) <= 2e-5 * max(1.0, float(jnp.max(jnp.abs(b))))
+  # No loop, no branch, no collective: one attention call and its backward.
+  assert not re.search(r"collective|conditional", text)

@@ -137,9 +137,12 @@ def _around_the_ring(plan: RingPlan, step: Callable, carry):
 
 
 def _when(active, compute: Callable, skip: Callable):
-  """compute() where `active`, else skip(); no branch when it is static."""
+  """compute() where `active`, else skip(); None when it is never active.
+
+  Where `active` is known at trace time (a ring of one) there is no branch.
+  """
   if not isinstance(active, jax.core.Tracer):
-    return compute() if bool(active) else skip()
+    return compute() if bool(active) else None
   return jax.lax.cond(active, compute, skip)
 
 
@@ -163,6 +166,8 @@ def _forward(plan: RingPlan, q: jax.Array, k: jax.Array, v: jax.Array,
              masks: MaskArrays) -> tuple[jax.Array, jax.Array]:
   batch, length, heads, _ = q.shape
   zeros = lambda shape: layout.zeros_varying_like(shape, q, k, v, masks)
+  empty = lambda: (zeros((batch, length, heads, v.shape[3])),
+                   zeros((batch, heads, length)) - jnp.inf)
   shard = _shard(plan)
 
   def step(source, carry):
@@ -180,17 +185,27 @@ def _forward(plan: RingPlan, q: jax.Array, k: jax.Array, v: jax.Array,
         return (t.zeros((batch, rows, heads, v.shape[3])),
                 t.zeros((batch, heads, rows)) - jnp.inf)
 
-      part, part_lse = _when(t.active, attend, skip)
+      part = _when(t.active, attend, skip)
+      if part is None:
+        continue
+      if out is None and t.rows == slice(None):
+        out, lse = part  # the first part on a ring of one: nothing to merge
+        continue
+      if out is None:
+        out, lse = empty()
+      part, part_lse = part
       merged, merged_lse = merge_attention_states(
           [out[:, t.rows], part], [lse[..., t.rows], part_lse])
       out = out.at[:, t.rows].set(merged)
       lse = lse.at[..., t.rows].set(merged_lse)
     return ahead, out, lse
 
-  init = ((k, v, masks.kv_segment_ids),
-          zeros((batch, length, heads, v.shape[3])),
-          zeros((batch, heads, length)) - jnp.inf)
-  _, out, lse = _around_the_ring(plan, step, init)
+  # A ring of one has a single step, without a loop carry to initialize.
+  init = (None, None) if plan.num_shards == 1 else empty()
+  _, out, lse = _around_the_ring(plan, step,
+                                 ((k, v, masks.kv_segment_ids),) + init)
+  if out is None:
+    out, lse = empty()
   return out.astype(q.dtype), lse
 
 
@@ -216,7 +231,10 @@ def _backward(plan: RingPlan, q, k, v, masks, out, lse, dout, dlse):
         return (t.zeros(t.q.shape), t.zeros(t.k.shape), t.zeros(t.v.shape),
                 None if dalibi is None else t.zeros(dalibi.shape))
 
-      dq_t, dk_t, dv_t, dalibi_t = _when(t.active, gradients, skip)
+      grads = _when(t.active, gradients, skip)
+      if grads is None:
+        continue
+      dq_t, dk_t, dv_t, dalibi_t = grads
       dq = dq.at[:, t.rows].add(dq_t)
       dk = dk.at[:, t.cols].add(dk_t)
       dv = dv.at[:, t.cols].add(dv_t)
