@@ -39,6 +39,7 @@ def ring_attention(
     return_lse: bool = False,
     implementation: Implementation = None,
     alibi_slopes: Optional[jax.Array] = None,
+    deterministic: bool = False,
 ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
   """`flash_attention` over a sequence split across a mesh axis.
 
@@ -65,6 +66,8 @@ def ring_attention(
     return_lse: also return lse (B, H, S / n) float32.
     implementation: as in `flash_attention`, chosen for each attention call
       of a step (calls with position offsets run on the blockwise path).
+    deterministic: as in `flash_attention`; the ring adds its steps in a
+      fixed order.
 
   Returns:
     out (B, S / n, H, Dv), the rows of attention over the whole sequence
@@ -80,7 +83,7 @@ def ring_attention(
   call = normalize_arguments(
       query, key, value, softmax_scale=softmax_scale, causal=causal,
       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-      segment_ids=segment_ids)
+      segment_ids=segment_ids, deterministic=deterministic)
   q, k, v, config, masks = call[:5]
   num_shards = jax.lax.axis_size(axis_name)
   if q.shape[1] != k.shape[1]:

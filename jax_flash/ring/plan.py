@@ -146,8 +146,9 @@ class RingPlan:
                                q_start - (k_start + k_len - 1),
                                q_start + q_len - 1 - k_start)
 
-  def term_masks(self, term: Term, masks: MaskArrays, kv_segment_ids,
-                 shard: Index, source: Index) -> MaskArrays:
+  def term_masks(self, term: Term, masks: MaskArrays,
+                 kv_segment_ids: Optional[jax.Array], shard: Index,
+                 source: Index) -> MaskArrays:
     """The mask arrays of one term's call: its pieces' segment ids, and the
     position offsets where the term needs them."""
     q_ids = masks.q_segment_ids

@@ -85,7 +85,8 @@ def attend(call: NormalizedCall, axes: MeshAxes,
         window_size=(config.window_left, config.window_right),
         softcap=config.softcap or None, softmax_scale=config.softmax_scale,
         segment_ids=given.get("ids"), alibi_slopes=given.get("slopes"),
-        return_lse=True, implementation=implementation)
+        deterministic=config.deterministic, return_lse=True,
+        implementation=implementation)
 
   return jax.shard_map(local, mesh=mesh, in_specs=specs,
                        out_specs=(rows, PartitionSpec(batch, heads, axes))
