@@ -90,6 +90,7 @@ class RingPlan:
 
   @property
   def piece_len(self) -> int:
+    """Length of one contiguous run of the global sequence a shard holds."""
     return self.local_len // 2 if self.load_balanced else self.local_len
 
   def rows(self, piece: Optional[int]) -> slice:
@@ -99,16 +100,19 @@ class RingPlan:
     return slice(piece * self.piece_len, (piece + 1) * self.piece_len)
 
   def length(self, piece: Optional[int]) -> int:
+    """The number of local rows of a piece (None: all)."""
     return self.local_len if piece is None else self.piece_len
 
   def start(self, shard: Index, piece: Optional[int]) -> Index:
-    """Global position of the first element of a shard's piece."""
+    """Global position of the first element of a shard's piece (None: of
+    its first piece)."""
     if not self.load_balanced:
       return shard * self.local_len
     chunk = shard if piece in (None, 0) else 2 * self.num_shards - 1 - shard
     return chunk * self.piece_len
 
   def terms(self) -> tuple[Term, ...]:
+    """The attention calls of every step (see the module docstring)."""
     config = self.config
     if not config.has_window and not self.has_alibi:
       return (Term(None, None, config, When.ALWAYS),)
