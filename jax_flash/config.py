@@ -83,7 +83,9 @@ class MaskArrays(NamedTuple):
     kv_offset: () int32, the position of the first key in that problem
       (None: 0). The offsets shift the distance of every key to the aligned
       diagonal by q_offset - kv_offset: causal, window and alibi then treat
-      the call as that block of the larger problem (see `jax_flash.masking`).
+      the call as that block of the larger problem (see `jax_flash.masking`;
+      segment ids, lengths and the dropout hash keep the call's own
+      positions). The CUDA kernels do not take offsets yet.
   """
 
   alibi_slopes: Optional[jax.Array] = None
