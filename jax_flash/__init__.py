@@ -10,6 +10,7 @@ from jax_flash.config import MAX_HEAD_DIM, AttentionConfig, MaskArrays
 from jax_flash.dispatch import Explanation
 from jax_flash.first_order import HigherOrderDerivativeError
 from jax_flash.merge import merge_attention_states
+from jax_flash.ring import load_balance, ring_attention, unload_balance
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,9 @@ __all__ = [
     "merge_attention_states",
     "explain",
     "Explanation",
+    "ring_attention",
+    "load_balance",
+    "unload_balance",
     "AttentionConfig",
     "MaskArrays",
     "MAX_HEAD_DIM",

@@ -71,7 +71,8 @@ def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Arguments are the validated, batched ones `flash_attention` passes on.
   """
-  del masks
+  if masks.q_offset is not None or masks.kv_offset is not None:
+    return "query/key position offsets"
   if config.dropout_rate > 0:
     return "dropout_rate > 0"
   dtype = jnp.dtype(q.dtype)
