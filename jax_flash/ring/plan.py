@@ -114,7 +114,7 @@ class RingPlan:
   def terms(self) -> tuple[Term, ...]:
     """The attention calls of every step (see the module docstring)."""
     config = self.config
-    if not config.has_window and not self.has_alibi:
+    if config.effective_window == (-1, -1) and not self.has_alibi:
       return (Term(None, None, config, When.ALWAYS),)
     if config.effective_window == (-1, 0) and not self.has_alibi:
       unmasked = dataclasses.replace(config, causal=False, window_left=-1,
