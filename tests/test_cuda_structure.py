@@ -93,7 +93,8 @@ def _contract_names(target):
 
 
 @pytest.mark.parametrize("call,source", [(lowering.FORWARD, "ffi_fwd.cu"),
-                                         (lowering.BACKWARD, "ffi_bwd.cu")])
+                                         (lowering.BACKWARD, "ffi_bwd.cu"),
+                                         (lowering.DECODE, "ffi_decode.cu")])
 def test_one_operand_list_for_handlers_lowering_and_docs(call, source):
   python = {"operand": list(call.operands) + [n for n, _ in call.optional],
             "result": list(call.results),
@@ -266,6 +267,7 @@ SM90_FWD_128 = ("sm80:fwd:bf16:64;sm80:bwd:bf16:64;sm80:fwd:bf16:128;"
                                              ("10.0", 80)])
 def test_sm90_kernels_run_on_compute_capability_9(monkeypatch, capability,
                                                   want):
+  monkeypatch.setattr(library, "DEFAULT_SM90_DIRECTIONS", frozenset({"fwd"}))
   _with_build(monkeypatch, SM90_FWD_128)
   _on_gpu(monkeypatch, capability)
   assert library.kernel_arch("fwd", "bf16", 128) == want
@@ -284,6 +286,18 @@ def test_sm80_kernel_on_sm90_is_logged_once_with_its_reason(monkeypatch,
                      "fwd kernel is built for bf16 at head dim 64"]
 
 
+def test_sm90_kernels_not_yet_verified_run_only_when_asked(monkeypatch,
+                                                          caplog):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setattr(library, "_logged_arch_choices", set())
+  assert library.DEFAULT_SM90_DIRECTIONS == frozenset()
+  assert library.kernel_arch("fwd", "bf16", 128) == 80
+  assert "not yet been verified" in caplog.records[-1].getMessage()
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm90")
+  assert library.kernel_arch("fwd", "bf16", 128) == 90
+
+
 def test_only_sm80_built_logs_nothing_on_sm90(monkeypatch, caplog):
   _with_build(monkeypatch, "sm80:fwd:bf16:128;sm80:bwd:bf16:128|archs=80,90")
   _on_gpu(monkeypatch, "9.0")
@@ -296,10 +310,12 @@ def test_forcing_an_arch(monkeypatch):
   _on_gpu(monkeypatch, "9.0")
   monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm80")
   assert library.kernel_arch("fwd", "bf16", 128) == 80
-  # Only sm90 kernels count as built: no head dim has both directions.
+  # sm90 wherever an sm90 kernel is built, sm80 for the rest.
   monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm90")
-  assert library.kernel_head_dim("bf16", 64) is None
+  assert library.kernel_head_dim("bf16", 64) == 64
   assert library.kernel_arch("fwd", "bf16", 128) == 90
+  assert library.kernel_arch("bwd", "bf16", 128) == 80
+  assert library.kernel_arch("fwd", "bf16", 64) == 80
   monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm75")
   with pytest.raises(ValueError, match="JAX_FLASH_FORCE_ARCH"):
     library.kernel_arch("fwd", "bf16", 128)

@@ -277,13 +277,7 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[kRowBlocks][4];
-#pragma unroll
-      for (int mb = 0; mb < kRowBlocks; ++mb) {
-        a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
-        a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
-        a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
-        a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
-      }
+      accumulator_as_a<T>(s, kk, a);
       warp_mma_a_in_registers<kRowBlocks, kDTiles, true>(acc, a, v_tile,
                                                          kPitch, kk * 16);
     }

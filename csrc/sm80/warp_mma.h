@@ -89,6 +89,21 @@ __device__ __forceinline__ void warp_mma(float (&acc)[kM16][kN8][4],
   }
 }
 
+// The A fragments of k16 step kk of P (kM16*16 x kN8*8) from its accumulator
+// tile: the C layout of n8 tiles 2kk and 2kk+1 is the A layout of that step,
+// so probabilities computed in registers feed the next product directly.
+template <typename T, int kM16, int kN8>
+__device__ __forceinline__ void accumulator_as_a(
+    const float (&c)[kM16][kN8][4], int kk, uint32_t (&fa)[kM16][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kM16; ++mi) {
+    fa[mi][0] = pack2<T>(c[mi][2 * kk][0], c[mi][2 * kk][1]);
+    fa[mi][1] = pack2<T>(c[mi][2 * kk][2], c[mi][2 * kk][3]);
+    fa[mi][2] = pack2<T>(c[mi][2 * kk + 1][0], c[mi][2 * kk + 1][1]);
+    fa[mi][3] = pack2<T>(c[mi][2 * kk + 1][2], c[mi][2 * kk + 1][3]);
+  }
+}
+
 template <int kM16, int kN8>
 __device__ __forceinline__ void zero(float (&acc)[kM16][kN8][4]) {
 #pragma unroll

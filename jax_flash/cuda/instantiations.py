@@ -11,6 +11,11 @@ HEAD_DIMS = (32, 64, 96, 128, 160, 192, 224, 256)
 """Head dims (D == Dv) an instantiation can have; the Python side zero-pads
 the others up to the next one built (docs/ffi_contract.md)."""
 
+DIRECTION_HEAD_DIMS = {"decode": (64, 128, 256)}
+"""Directions built for fewer head dims than HEAD_DIMS: the decoding kernel
+reads K/V caches in place, so a head dim it lacks is not padded (that would
+copy the cache) but served by the forward kernel instead."""
+
 KERNEL_ARCHS = (80, 90)
 """The architectures kernels are written for, the first axis of every
 instantiation: sm80 (mma.sync, cp.async; runs on compute capability 8.0 and

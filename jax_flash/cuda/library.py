@@ -8,8 +8,9 @@ environment variable JAX_FLASH_CUDA_LIBRARY names another file instead.
 
 It also chooses the arch of the kernels that run a call (`kernel_arch`): the
 sm90 kernels on a GPU of compute capability 9.x where the build has one for
-the call, else the sm80 kernels; JAX_FLASH_FORCE_ARCH=sm80 (or sm90) counts
-only that arch's kernels as built.
+the call (for the directions in DEFAULT_SM90_DIRECTIONS), else the sm80
+kernels; JAX_FLASH_FORCE_ARCH=sm80 counts only the sm80 kernels as built,
+JAX_FLASH_FORCE_ARCH=sm90 runs every sm90 kernel built (sm80 for the rest).
 
 Nothing here touches a GPU or registers anything at import time: a CPU-only
 machine imports this module, finds no library, and reports why.
@@ -34,14 +35,21 @@ LIBRARY_ENV_VAR = "JAX_FLASH_CUDA_LIBRARY"
 FORCE_ARCH_ENV_VAR = "JAX_FLASH_FORCE_ARCH"
 FORWARD_TARGET = "jax_flash_fwd"
 BACKWARD_TARGET = "jax_flash_bwd"
+DECODE_TARGET = "jax_flash_decode"
 DTYPE_NAMES = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "fp16"}
 """Input dtypes the kernels take, with their names in the build info."""
+
+DEFAULT_SM90_DIRECTIONS: frozenset[str] = frozenset()
+"""Directions whose sm90 kernels a 9.x GPU runs without being asked. The sm90
+forward is built but has not yet run on a GPU: until the GPU suite and
+compute-sanitizer pass on it, it runs only under JAX_FLASH_FORCE_ARCH=sm90."""
 
 logger = logging.getLogger("jax_flash")
 _logged_arch_choices: set[str] = set()
 
 _HANDLER_SYMBOLS = {FORWARD_TARGET: "JaxFlashFwd",
-                    BACKWARD_TARGET: "JaxFlashBwd"}
+                    BACKWARD_TARGET: "JaxFlashBwd",
+                    DECODE_TARGET: "JaxFlashDecode"}
 
 
 class LibraryUnavailableError(RuntimeError):
@@ -140,6 +148,8 @@ def _load() -> Union[Library, str]:
     handle.jax_flash_bwd_workspace_bytes.restype = ctypes.c_int64
     handle.jax_flash_bwd_workspace_bytes.argtypes = (
         [ctypes.c_int64] * 7 + [ctypes.c_int32])
+    handle.jax_flash_decode_workspace_bytes.restype = ctypes.c_int64
+    handle.jax_flash_decode_workspace_bytes.argtypes = [ctypes.c_int64] * 6
     info = BuildInfo.parse(handle.jax_flash_build_info().decode())
   except (OSError, AttributeError, ValueError) as e:
     return f"{path} could not be loaded: {e}"
@@ -182,14 +192,13 @@ def forced_arch() -> Optional[int]:
 
 
 def _build_info() -> Optional[BuildInfo]:
-  """The loaded build, less the archs JAX_FLASH_FORCE_ARCH excludes; None
-  without a library."""
+  """The loaded build (its sm80 kernels alone under
+  JAX_FLASH_FORCE_ARCH=sm80); None without a library."""
   loaded = _load()
   if isinstance(loaded, str):
     return None
-  forced = forced_arch()
   info = loaded.build_info
-  return info if forced is None else info.only_arch(forced)
+  return info.only_arch(80) if forced_arch() == 80 else info
 
 
 def kernel_head_dim(dtype: str, needed: int) -> Optional[int]:
@@ -207,9 +216,11 @@ def kernel_arch(direction: str, dtype: str, head_dim: int) -> int:
   """The arch of the kernels that run (direction, dtype, head_dim) here.
 
   sm90 on a default device of compute capability 9.x when the build has an
-  sm90 kernel for the call, else sm80; taking sm80 on such a device while
-  the build has sm90 kernels is logged once per reason. Without the library
-  (lowering on a CPU-only machine): the forced arch, else 80.
+  sm90 kernel for the call and the direction is in DEFAULT_SM90_DIRECTIONS
+  or JAX_FLASH_FORCE_ARCH=sm90 asks for it, else sm80; taking sm80 on such a
+  device while the build has sm90 kernels is logged once per reason.
+  Without the library (lowering on a CPU-only machine): the forced arch,
+  else 80.
   """
   info = _build_info()
   if info is None:
@@ -219,7 +230,8 @@ def kernel_arch(direction: str, dtype: str, head_dim: int) -> int:
   if jax.default_backend() == "gpu":
     capability = device_capability(jax.devices()[0])
   on_sm90 = capability is not None and capability // 10 == 9
-  if on_sm90 and 90 in built:
+  wanted = direction in DEFAULT_SM90_DIRECTIONS or forced_arch() == 90
+  if on_sm90 and 90 in built and wanted:
     return 90
   if 80 not in built:
     raise ValueError(f"no {direction} kernel for {dtype} at head dim "
@@ -227,6 +239,9 @@ def kernel_arch(direction: str, dtype: str, head_dim: int) -> int:
   if on_sm90 and any(k[0] == 90 for k in info.kernels):
     reason = (f"no sm90 {direction} kernel is built for {dtype} at head dim "
               f"{head_dim}")
+    if 90 in built:
+      reason = (f"the sm90 {direction} kernel has not yet been verified on a "
+                f"GPU; {FORCE_ARCH_ENV_VAR}=sm90 runs it")
     if reason not in _logged_arch_choices:
       _logged_arch_choices.add(reason)
       logger.warning("jax_flash: running the sm80 kernel on sm_%d: %s",
@@ -236,7 +251,7 @@ def kernel_arch(direction: str, dtype: str, head_dim: int) -> int:
 
 @functools.cache
 def register_targets() -> None:
-  """Registers both FFI handlers with XLA for the CUDA platform, once.
+  """Registers the FFI handlers with XLA for the CUDA platform, once.
 
   Call only when the default backend is a CUDA GPU: jaxlib builds without
   CUDA have no such platform to register with.
@@ -255,4 +270,14 @@ def bwd_workspace_bytes(batch: int, sq: int, sk: int, heads: int,
       batch, sq, sk, heads, kv_heads, head_dim, value_dim, int(deterministic))
   if size < 0:
     raise ValueError(f"jax_flash_bwd_workspace_bytes returned {size}")
+  return size
+
+
+def decode_workspace_bytes(batch: int, sq: int, heads: int, kv_heads: int,
+                           head_dim: int, capacity: int) -> int:
+  """Bytes of scratch the split-KV decoding kernel needs for these shapes."""
+  size = load().handle.jax_flash_decode_workspace_bytes(
+      batch, sq, heads, kv_heads, head_dim, capacity)
+  if size < 0:
+    raise ValueError(f"jax_flash_decode_workspace_bytes returned {size}")
   return size

@@ -1,7 +1,8 @@
 """The FFI custom calls of docs/ffi_contract.md, for already local shapes.
 
-`FORWARD` and `BACKWARD` list each call's operands, results and attributes in
-the order of its handler's `Bind()` chain (csrc/ffi/ffi_fwd.cu, ffi_bwd.cu);
+`FORWARD`, `BACKWARD` and `DECODE` list each call's operands, results and
+attributes in the order of its handler's `Bind()` chain (csrc/ffi/ffi_fwd.cu,
+ffi_bwd.cu, ffi_decode.cu);
 calls are made through them, by name, and tests/test_cuda_structure.py reads
 the chains and docs/ffi_contract.md and checks that all three agree.
 
@@ -86,6 +87,14 @@ BACKWARD = CustomCall(
     attributes=_ATTRIBUTES + ("deterministic",))
 
 
+DECODE = CustomCall(
+    library.DECODE_TARGET,
+    operands=("q", "k_cache", "v_cache", "seq_lengths"),
+    optional=(("block_table", jnp.int32), ("alibi_slopes", jnp.float32)),
+    results=("out", "lse", "workspace"),
+    attributes=("softmax_scale", "window_left", "window_right", "softcap"))
+
+
 def given_masks(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
   """The mask arrays that are present, and their names."""
   names = tuple(name for name, _ in MASK_OPERANDS
@@ -109,8 +118,21 @@ def _attributes(config: AttentionConfig, direction: str,
 def forward_call(q: jax.Array, k: jax.Array, v: jax.Array,
                  *masks: jax.Array, config: AttentionConfig,
                  mask_names: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
-  """`jax_flash_fwd`: (out (B, Sq, H, Dv), lse (B, H, Sq) f32)."""
+  """`jax_flash_fwd`: (out (B, Sq, H, Dv), lse (B, H, Sq) f32).
+
+  Short queries go to `jax_flash_decode` instead where it covers the call
+  (`decode.covers`): K/V are then read once for every query head sharing
+  them, split over the SMs along the keys.
+  """
+  from jax_flash.cuda import decode  # pylint: disable=import-outside-toplevel
   batch, sq, heads, _ = q.shape
+  if decode.covers(q, k, v, mask_names):
+    given = dict(zip(mask_names, masks))
+    lengths = given.get("kv_lengths")
+    if lengths is None:
+      lengths = jnp.full((batch,), k.shape[1], jnp.int32)
+    return decode.decode_call(q, k, v, lengths, config=config,
+                              alibi_slopes=given.get("alibi_slopes"))
   results = (jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype),
              jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32))
   out, lse = FORWARD(results, (q, k, v), dict(zip(mask_names, masks)),
