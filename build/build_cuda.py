@@ -1,13 +1,15 @@
 """Builds jax_flash/_lib/libjax_flash_cuda.so from csrc/ with nvcc.
 
-Compiles csrc/*.cu and the instantiations build/generate_kernels.py writes,
-in parallel, into build/out/obj/, and links them into one shared library with
-the CUDA runtime linked statically and no Python ABI (see
-docs/ffi_contract.md). Rebuilds only objects older than their source, the
-headers or the compile flags.
+Compiles the FFI handlers (csrc/ffi/*.cu) and the instantiations
+build/generate_kernels.py writes, in parallel, into build/out/obj/, and links
+them into one shared library with the CUDA runtime linked statically and no
+Python ABI (see docs/ffi_contract.md). Rebuilds only objects older than their
+source, the headers or the compile flags.
 
 Environment:
-  JAX_FLASH_CUDA_ARCHS  compute capabilities, default "80,90"
+  JAX_FLASH_CUDA_ARCHS  compute capabilities, default "80,90": each gets
+                        machine code of the sm80 kernels, the newest also
+                        their PTX; 90 also builds the sm90 kernels (sm_90a)
   JAX_FLASH_HEAD_DIMS, JAX_FLASH_DTYPES, JAX_FLASH_DIRECTIONS
                         narrow the instantiations (build/generate_kernels.py)
   JAX_FLASH_BUILD_JOBS  parallel compiles, default the CPU count
@@ -36,7 +38,6 @@ CSRC = generate_kernels.CSRC
 GENERATED = generate_kernels.DEFAULT_OUT
 OBJ_DIR = REPO / "build" / "out" / "obj"
 LIBRARY = REPO / "jax_flash" / "_lib" / "libjax_flash_cuda.so"
-DEFAULT_ARCHS = "80,90"
 
 
 def find_nvcc() -> Optional[str]:
@@ -51,14 +52,6 @@ def find_nvcc() -> Optional[str]:
     if home and (pathlib.Path(home) / "bin" / "nvcc").exists():
       return str(pathlib.Path(home) / "bin" / "nvcc")
   return None
-
-
-def parse_archs(value: str) -> list[int]:
-  """"80,90" -> [80, 90]."""
-  archs = sorted({int(a.strip()) for a in value.split(",") if a.strip()})
-  if not archs or any(a < 80 for a in archs):
-    raise ValueError(f"JAX_FLASH_CUDA_ARCHS={value!r}: need archs >= 80")
-  return archs
 
 
 def include_dirs() -> list[str]:
@@ -77,15 +70,26 @@ def include_dirs() -> list[str]:
 
 
 def compile_flags(archs: Sequence[int]) -> list[str]:
-  """nvcc flags shared by every translation unit."""
+  """nvcc flags shared by every translation unit (arch_flags adds -gencode)."""
   flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
            "-Xcompiler", "-fPIC", "-I", str(CSRC), "-I", str(GENERATED),
            f"-DJAX_FLASH_CUDA_ARCHS=\"{','.join(map(str, archs))}\""]
   for d in include_dirs():
     flags += ["-isystem", d]
-  for a in archs:
-    flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
-  # PTX of the newest arch, so that later GPUs can JIT-compile it.
+  return flags
+
+
+def arch_flags(kernel_arch: int, archs: Sequence[int]) -> list[str]:
+  """The -gencode flags of the sources written for one kernel arch.
+
+  sm80 sources (and the FFI handlers): machine code for every listed compute
+  capability, and the PTX of the newest, so that later GPUs can JIT-compile
+  it. sm90 sources: sm_90a machine code only; their wgmma and TMA
+  instructions exist on 9.0 alone, so no PTX could serve a later GPU.
+  """
+  if kernel_arch == 90:
+    return ["-gencode=arch=compute_90a,code=sm_90a"]
+  flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
   flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
   return flags
 
@@ -105,9 +109,15 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   nvcc = find_nvcc()
   if nvcc is None:
     raise RuntimeError("nvcc not found (set NVCC or CUDA_HOME)")
-  generated = generate_kernels.generate(GENERATED)
-  sources = sorted(CSRC.glob("*.cu")) + generated
-  headers = sorted(CSRC.glob("*.h")) + [GENERATED / "kernel_list.h"]
+  generated = generate_kernels.generate(
+      GENERATED, env={**os.environ,
+                      "JAX_FLASH_CUDA_ARCHS": ",".join(map(str, archs))})
+  handlers = sorted((CSRC / "ffi").glob("*.cu"))
+  sources = handlers + [path for _, path in generated]
+  # Each source compiles for the arch its kernels are written for.
+  source_arch = {**{h: 80 for h in handlers},
+                 **{path: k.arch for k, path in generated}}
+  headers = sorted(CSRC.rglob("*.h")) + [GENERATED / "kernel_list.h"]
   flags = compile_flags(archs)
   if resource_usage:
     flags.append("--resource-usage")
@@ -115,8 +125,10 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   OBJ_DIR.mkdir(parents=True, exist_ok=True)
   # Changing the flags (archs, include dirs) rebuilds everything.
   stamp = OBJ_DIR / "flags.txt"
-  if not stamp.exists() or stamp.read_text() != "\n".join(flags):
-    stamp.write_text("\n".join(flags))
+  stamp_text = "\n".join(flags + [
+      f for a in generate_kernels.KERNEL_ARCHS for f in arch_flags(a, archs)])
+  if not stamp.exists() or stamp.read_text() != stamp_text:
+    stamp.write_text(stamp_text)
   objects = [OBJ_DIR / (s.stem + ".o") for s in sources]
   todo = [(s, o) for s, o in zip(sources, objects)
           if resource_usage or _stale(o, s, headers, stamp)]
@@ -125,7 +137,8 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   done = [0]
 
   def compile_one(source: pathlib.Path, obj: pathlib.Path) -> None:
-    cmd = [nvcc, *flags, "-c", str(source), "-o", str(obj)]
+    cmd = [nvcc, *flags, *arch_flags(source_arch[source], archs), "-c",
+           str(source), "-o", str(obj)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     with lock:
       done[0] += 1
@@ -167,7 +180,8 @@ def _kernels_wanted() -> str:
 
 def build_from_env(resource_usage: bool = False) -> pathlib.Path:
   """`build` with the archs and job count of the environment variables."""
-  archs = parse_archs(os.environ.get("JAX_FLASH_CUDA_ARCHS", DEFAULT_ARCHS))
+  archs = generate_kernels.parse_archs(
+      os.environ.get("JAX_FLASH_CUDA_ARCHS", generate_kernels.DEFAULT_ARCHS))
   jobs = int(os.environ.get("JAX_FLASH_BUILD_JOBS", os.cpu_count() or 1))
   return build(archs, jobs, resource_usage=resource_usage)
 

@@ -78,7 +78,8 @@ def count_collectives(compiled: jax.stages.Compiled) -> collections.Counter:
   counts = collections.Counter()
   for op in COLLECTIVES:
     # Asynchronous collectives appear as a -start/-done pair; count starts.
-    counts[op] = len(re.findall(rf"= \S+ {op}(-start)?\(", hlo))
+    # Combined ones have a tuple type, "(f32[..], f32[..])".
+    counts[op] = len(re.findall(rf"= (\([^)]*\)|\S+) {op}(-start)?\(", hlo))
   return +counts
 
 

@@ -13,6 +13,7 @@ from jax_flash.decode import KVCacheAttention, flash_attention_with_kv_cache
 from jax_flash.dispatch import Explanation
 from jax_flash.first_order import HigherOrderDerivativeError
 from jax_flash.merge import merge_attention_states
+from jax_flash.ring import load_balance, ring_attention, unload_balance
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,9 @@ __all__ = [
     "KVCacheAttention",
     "explain",
     "Explanation",
+    "ring_attention",
+    "load_balance",
+    "unload_balance",
     "AttentionConfig",
     "MaskArrays",
     "MAX_HEAD_DIM",

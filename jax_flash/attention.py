@@ -13,6 +13,8 @@ from jax_flash.config import AttentionConfig, MaskArrays
 
 Implementation = Optional[Literal["xla", "reference", "cuda"]]
 SegmentIds = Union[jax.Array, tuple[jax.Array, jax.Array]]
+"""Segment ids: one integer array that queries and keys share
+(self-attention), or a (query ids, key ids) pair."""
 
 
 def flash_attention(
@@ -77,6 +79,13 @@ def flash_attention(
       on every backend; "reference" a plain O(Sq * Sk) implementation for
       tests and debugging.
 
+  Under `jax.jit`, query, key and value whose sequence dimension is split
+  over explicit mesh axes (e.g. `NamedSharding(mesh, P("data", "seq"))` on a
+  `jax.make_mesh` mesh) run `jax_flash.ring_attention` over those axes, in
+  contiguous order: K/V move between neighbours and nothing is gathered.
+  This needs Sq == Sk and no sequence lengths or dropout; other calls, and
+  meshes of `AxisType.Auto` axes, gather the sequence.
+
   A query row that sees no key at all (every key masked) outputs 0 with
   lse = -inf, and produces no NaN in any gradient. Unbatched inputs take
   unbatched mask arrays: alibi (H,), segment ids (Sq,)/(Sk,), lengths ().
@@ -95,9 +104,15 @@ def flash_attention(
       segment_ids=segment_ids, q_seq_lengths=q_seq_lengths,
       kv_seq_lengths=kv_seq_lengths, dropout_rate=dropout_rate,
       dropout_rng=dropout_rng, deterministic=deterministic)
-  query, key, value, config, masks = call[:5]
-  attend = dispatch.select(implementation, query, key, value, config, masks)
-  out, lse = attend(query, key, value, config, masks)
+  # Imported here: the ring is built on this module's argument handling.
+  from jax_flash.ring import sharded  # pylint: disable=import-outside-toplevel
+  ring_axes = sharded.sequence_axes(call)
+  if ring_axes is not None:
+    out, lse = sharded.attend(call, ring_axes, implementation)
+  else:
+    query, key, value, config, masks = call[:5]
+    attend = dispatch.select(implementation, query, key, value, config, masks)
+    out, lse = attend(query, key, value, config, masks)
   if not call.batched:
     out, lse = out[0], lse[0]
   return (out, lse) if return_lse else out

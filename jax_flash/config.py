@@ -59,12 +59,6 @@ class AttentionConfig:
       right = 0 if right < 0 else min(right, 0)
     return self.window_left, right
 
-  @property
-  def has_window(self) -> bool:
-    """True when some key is masked by position alone (causal or window)."""
-    left, right = self.effective_window
-    return left >= 0 or right >= 0
-
 
 class MaskArrays(NamedTuple):
   """Optional dynamic inputs of an attention call, batch dimension included.
@@ -78,6 +72,14 @@ class MaskArrays(NamedTuple):
     dropout_seed: (2,) uint32 drawn from the dropout key; the keep mask is a
       fixed function of (seed, batch, head, query, key) positions, see
       `jax_flash.masking.dropout_keep`.
+    q_offset: () int32, the position of the first query in a larger problem
+      this call is one block of (None: 0).
+    kv_offset: () int32, the position of the first key in that problem
+      (None: 0). The offsets shift the distance of every key to the aligned
+      diagonal by q_offset - kv_offset: causal, window and alibi then treat
+      the call as that block of the larger problem (see `jax_flash.masking`;
+      segment ids, lengths and the dropout hash keep the call's own
+      positions). The CUDA kernels do not take offsets yet.
   """
 
   alibi_slopes: Optional[jax.Array] = None
@@ -86,3 +88,5 @@ class MaskArrays(NamedTuple):
   q_lengths: Optional[jax.Array] = None
   kv_lengths: Optional[jax.Array] = None
   dropout_seed: Optional[jax.Array] = None
+  q_offset: Optional[jax.Array] = None
+  kv_offset: Optional[jax.Array] = None

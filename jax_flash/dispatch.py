@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import jax
 
+from jax_flash import cuda
 from jax_flash.blockwise import blockwise_attention
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.reference import reference_attention
@@ -19,20 +20,8 @@ logger = logging.getLogger("jax_flash")
 _logged_fallbacks: set[str] = set()
 
 
-def _cuda_module():
-  """The CUDA backend module, or None when this installation lacks it."""
-  try:
-    from jax_flash import cuda
-  except ImportError:
-    return None
-  return cuda
-
-
 def cuda_unavailable_reason() -> Optional[str]:
   """Why the CUDA kernels cannot run here at all, or None if they can."""
-  cuda = _cuda_module()
-  if cuda is None:
-    return "jax_flash was installed without its CUDA extension"
   return cuda.unavailable_reason()
 
 
@@ -60,10 +49,8 @@ def explain(implementation: Optional[str], q: jax.Array, k: jax.Array,
             masks: MaskArrays) -> Explanation:
   """The implementation `select` picks for these (validated, batched)
   arguments, with the reason."""
-  cuda = _cuda_module()
-  unsupported = (None if cuda is None else
-                 cuda.unsupported_reason(q, k, v, config, masks))
-  covers = cuda is not None and unsupported is None
+  unsupported = cuda.unsupported_reason(q, k, v, config, masks)
+  covers = unsupported is None
   if implementation in ("reference", "xla"):
     return Explanation(implementation,
                        f"implementation={implementation!r} was asked for",
@@ -93,7 +80,7 @@ def select(implementation: Optional[str], q: jax.Array, k: jax.Array,
   """
   choice = explain(implementation, q, k, v, config, masks)
   if choice.implementation == "cuda":
-    return _cuda_module().attention
+    return cuda.attention
   if implementation == "cuda":
     raise ValueError("implementation='cuda' cannot serve this call: "
                      f"{choice.reason}")

@@ -7,7 +7,10 @@ as (B, Hkv, G, bq, bk) with G = H // Hkv query heads per key/value head.
 
 For batch row b, `offset[b] = kv_len[b] - q_len[b]` aligns the last query with
 the last key (bottom-right), and `d = i + offset[b] - j` is the signed distance
-of key j to the aligned diagonal of query i.
+of key j to the aligned diagonal of query i. A call that is one block of a
+larger problem gives the positions of its first query and key there
+(`MaskArrays.q_offset`, `kv_offset`); they add q_offset - kv_offset to the
+offset, so d is the distance in the larger problem.
 """
 
 from __future__ import annotations
@@ -30,9 +33,30 @@ def lengths_or_full(lengths: Optional[jax.Array], batch: int,
 
 def diagonal_offset(masks: MaskArrays, batch: int, sq: int,
                     sk: int) -> jax.Array:
-  """(B,) int32 offset kv_len - q_len that aligns causal masks bottom-right."""
-  return (lengths_or_full(masks.kv_lengths, batch, sk) -
-          lengths_or_full(masks.q_lengths, batch, sq))
+  """(B,) int32 offset kv_len - q_len + q_offset - kv_offset: query i sits
+  on the diagonal at key i + offset (bottom-right aligned)."""
+  offset = (lengths_or_full(masks.kv_lengths, batch, sk) -
+            lengths_or_full(masks.q_lengths, batch, sq))
+  for position, sign in ((masks.q_offset, 1), (masks.kv_offset, -1)):
+    if position is not None:
+      offset = offset + sign * jnp.asarray(position, jnp.int32)
+  return offset
+
+
+def window_sees(config: AttentionConfig, min_distance: jax.Array,
+                max_distance: jax.Array) -> jax.Array:
+  """Whether causal and window leave some distance d in [min, max] visible.
+
+  Key j is visible to query i when -right <= d <= left (d as above, with
+  `config.effective_window`; -1 leaves a side unbounded).
+  """
+  left, right = config.effective_window
+  sees = jnp.asarray(True)
+  if left >= 0:
+    sees = sees & (min_distance <= left)
+  if right >= 0:
+    sees = sees & (max_distance >= -right)
+  return sees
 
 
 def modify_and_mask(scores: jax.Array, config: AttentionConfig,

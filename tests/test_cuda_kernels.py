@@ -100,7 +100,7 @@ def test_variants_for_less_shared_memory(monkeypatch, d, options, parts):
 
 
 # Shared memory per block with room for the backward's two Q/dO stages but
-# not for its staged dQ tile (csrc/flash_bwd_kernel.h).
+# not for its staged dQ tile (csrc/sm80/flash_bwd_kernel.h).
 @pytest.mark.parametrize("d, limit_kb", [(64, 200), (128, 180)])
 def test_backward_with_dq_atomics_where_staging_does_not_fit(
     monkeypatch, d, limit_kb):

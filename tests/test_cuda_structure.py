@@ -6,6 +6,7 @@ lowering whose per-shard function is the reference attention: XLA then
 partitions and runs them on the 8 fake devices of conftest.py.
 """
 
+import pathlib
 import re
 
 import jax
@@ -17,9 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import random_qkv
 from jax_flash import cuda
 from jax_flash.config import AttentionConfig, MaskArrays
-from jax_flash.cuda import library, primitives
+from jax_flash.cuda import library, lowering, primitives
 from jax_flash.reference import reference_attention
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = AttentionConfig(softmax_scale=0.125, causal=True, softcap=20.0)
 on_cpu = pytest.mark.skipif(
     jax.default_backend() != "cpu",
@@ -61,6 +63,46 @@ def _loss(attend, with_lse=False):
   return loss
 
 
+def _handler_names(source):
+  """{kind: names} of the FFI handler in csrc/ffi/<source>: from its Bind()
+  chain (the comment after each .Arg/.Ret names it), and the parameters of
+  the function it binds, which must agree."""
+  text = (ROOT / "csrc" / "ffi" / source).read_text()
+  chain = text[text.index("ffi::Ffi::Bind()"):text.index("{ffi::Traits")]
+  names = {"operand": re.findall(r"\.Arg<.*?//\s*(\w+)", chain),
+           "result": re.findall(r"\.Ret<.*?//\s*(\w+)", chain),
+           "attribute": re.findall(r'\.Attr<\w+>\("(\w+)"\)', chain)}
+  impl = re.search(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\(\s*\w+,\s*[\w:]*?(\w+),",
+                   text).group(1)
+  params = re.search(impl + r"\((.*?)\)\s*\{", text, re.S).group(1)
+  bound = [p.split()[-1] for p in params.split(",")][1:]  # after the stream
+  assert bound == sum(names.values(), []), (source, bound)
+  return names
+
+
+def _contract_names(target):
+  """{kind: names} of the table under `target` in docs/ffi_contract.md."""
+  text = (ROOT / "docs" / "ffi_contract.md").read_text()
+  section = text[text.index(f"## `{target}`"):]
+  section = section[:section.index("\n## ", 1)]
+  names = {"operand": [], "result": [], "attribute": []}
+  for kind, name in re.findall(r"^\| (operand|result|attribute) \| (\w+) \|",
+                               section, re.M):
+    names[kind].append(name)
+  return names
+
+
+@pytest.mark.parametrize("call,source", [(lowering.FORWARD, "ffi_fwd.cu"),
+                                         (lowering.BACKWARD, "ffi_bwd.cu"),
+                                         (lowering.DECODE, "ffi_decode.cu")])
+def test_one_operand_list_for_handlers_lowering_and_docs(call, source):
+  python = {"operand": list(call.operands) + [n for n, _ in call.optional],
+            "result": list(call.results),
+            "attribute": list(call.attributes)}
+  assert _handler_names(source) == python
+  assert _contract_names(call.target) == python
+
+
 def test_forward_is_one_custom_call_with_contract_operands():
   q, k, v = _inputs(d=40, dv=24)
   masks = MaskArrays(kv_lengths=jnp.array([5, 33], jnp.int32))
@@ -73,7 +115,8 @@ def test_forward_is_one_custom_call_with_contract_operands():
           "tensor<0xi32>, tensor<0xi32>, tensor<2xi32>)") in call
   assert "-> (tensor<2x17x4x64xbf16>, tensor<2x4x17xf32>)" in call
   for attr in ("softcap = 2.000000e+01 : f32", "softmax_scale = 1.250000e-01",
-               "window_left = -1 : i32", "window_right = 0 : i32"):
+               "window_left = -1 : i32", "window_right = 0 : i32",
+               "kernel_arch = 80 : i32"):
     assert attr in call
 
 
@@ -178,14 +221,16 @@ def test_unsupported_reasons_name_the_argument():
 
 def test_build_info_parsing_and_head_dims(monkeypatch):
   info = library.BuildInfo.parse(
-      "fwd:bf16:128;bwd:bf16:128;fwd:bf16:64;fwd:fp16:96;bwd:fp16:96"
-      "|archs=80,90")
+      "sm80:fwd:bf16:128;sm80:bwd:bf16:128;sm80:fwd:bf16:64;sm80:fwd:fp16:96;"
+      "sm80:bwd:fp16:96|archs=80,90")
   assert info.head_dims("bf16") == (128,)       # 64 lacks a backward
   assert info.head_dims("fp16") == (96,)
   assert info.runs_on(86) and info.runs_on(90) and not info.runs_on(75)
   # Later GPUs run the embedded PTX of the newest arch; earlier ones nothing.
-  assert library.BuildInfo.parse("fwd:bf16:64|archs=90").runs_on(100)
-  assert not library.BuildInfo.parse("fwd:bf16:64|archs=90").runs_on(89)
+  assert library.BuildInfo.parse("sm80:fwd:bf16:64|archs=90").runs_on(100)
+  assert not library.BuildInfo.parse("sm80:fwd:bf16:64|archs=90").runs_on(89)
+  with pytest.raises(ValueError, match="rebuild"):
+    library.BuildInfo.parse("fwd:bf16:128|archs=80")
   loaded = library.Library(library.library_path(), None, info)
   monkeypatch.setattr(library, "_load", lambda: loaded)
   assert library.kernel_head_dim("bf16", 40) == 128
@@ -194,6 +239,86 @@ def test_build_info_parsing_and_head_dims(monkeypatch):
   big = _inputs(d=160)
   assert cuda.unsupported_reason(*big, CONFIG, MaskArrays()) == (
       "head dim 160 not compiled in this build (bf16)")
+
+
+class _FakeGpu:
+  def __init__(self, capability):
+    self.compute_capability = capability
+
+
+def _on_gpu(monkeypatch, capability):
+  """The default device, as kernel_arch sees it, is a GPU of `capability`."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda: [_FakeGpu(capability)])
+
+
+def _with_build(monkeypatch, text):
+  info = library.BuildInfo.parse(text)
+  monkeypatch.setattr(library, "_load",
+                      lambda: library.Library(library.library_path(), None,
+                                              info))
+
+
+SM90_FWD_128 = ("sm80:fwd:bf16:64;sm80:bwd:bf16:64;sm80:fwd:bf16:128;"
+                "sm80:bwd:bf16:128;sm90:fwd:bf16:128|archs=80,90")
+
+
+@pytest.mark.parametrize("capability,want", [("9.0", 90), ("8.0", 80),
+                                             ("10.0", 80)])
+def test_sm90_kernels_run_on_compute_capability_9(monkeypatch, capability,
+                                                  want):
+  monkeypatch.setattr(library, "DEFAULT_SM90_DIRECTIONS", frozenset({"fwd"}))
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, capability)
+  assert library.kernel_arch("fwd", "bf16", 128) == want
+  assert library.kernel_arch("bwd", "bf16", 128) == 80
+
+
+def test_sm80_kernel_on_sm90_is_logged_once_with_its_reason(monkeypatch,
+                                                            caplog):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setattr(library, "_logged_arch_choices", set())
+  for _ in range(2):
+    assert library.kernel_arch("fwd", "bf16", 64) == 80
+  reasons = [r.getMessage() for r in caplog.records]
+  assert reasons == ["jax_flash: running the sm80 kernel on sm_90: no sm90 "
+                     "fwd kernel is built for bf16 at head dim 64"]
+
+
+def test_sm90_kernels_not_yet_verified_run_only_when_asked(monkeypatch,
+                                                          caplog):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setattr(library, "_logged_arch_choices", set())
+  assert library.DEFAULT_SM90_DIRECTIONS == frozenset()
+  assert library.kernel_arch("fwd", "bf16", 128) == 80
+  assert "not yet been verified" in caplog.records[-1].getMessage()
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm90")
+  assert library.kernel_arch("fwd", "bf16", 128) == 90
+
+
+def test_only_sm80_built_logs_nothing_on_sm90(monkeypatch, caplog):
+  _with_build(monkeypatch, "sm80:fwd:bf16:128;sm80:bwd:bf16:128|archs=80,90")
+  _on_gpu(monkeypatch, "9.0")
+  assert library.kernel_arch("fwd", "bf16", 128) == 80
+  assert not caplog.records
+
+
+def test_forcing_an_arch(monkeypatch):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm80")
+  assert library.kernel_arch("fwd", "bf16", 128) == 80
+  # sm90 wherever an sm90 kernel is built, sm80 for the rest.
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm90")
+  assert library.kernel_head_dim("bf16", 64) == 64
+  assert library.kernel_arch("fwd", "bf16", 128) == 90
+  assert library.kernel_arch("bwd", "bf16", 128) == 80
+  assert library.kernel_arch("fwd", "bf16", 64) == 80
+  monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm75")
+  with pytest.raises(ValueError, match="JAX_FLASH_FORCE_ARCH"):
+    library.kernel_arch("fwd", "bf16", 128)
 
 
 # ---- Running the rules on CPU, with the reference computing each shard ----

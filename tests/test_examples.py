@@ -51,21 +51,28 @@ def test_sample_is_as_long_as_asked_past_the_context(train_lm):
   assert 0 <= sample.min() and sample.max() < len(corpus.chars)
 
 
-def test_sharded_training_attention_adds_no_collective():
-  script = (
-      "import json, sharded_training as s\n"
-      f"args = {TINY + ['--steps', '3']!r}\n"
-      "runs = {a: s.main(args + ['--attention', a])\n"
-      "        for a in ('flash', 'xla')}\n"
-      "print('RESULT', json.dumps(runs))\n")
+def run_on_8_host_devices(module: str, call: str, mesh: str):
+  """Runs `print('RESULT', json.dumps(<call>))` after importing the example
+  `module` in a fresh Python with 8 CPU devices, checks the mesh it printed,
+  and returns the result."""
+  script = (f"import json, {module}\n"
+            f"print('RESULT', json.dumps({call}))\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, "-c", script], cwd=EXAMPLES,
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "mesh: {'data': 4, 'model': 2} over 8 cpu devices" in proc.stdout
+  assert f"mesh: {mesh} over 8 cpu devices" in proc.stdout
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-  runs = json.loads(line.split(" ", 1)[1])
+  return json.loads(line.split(" ", 1)[1])
+
+
+def test_sharded_training_attention_adds_no_collective():
+  args = TINY + ["--steps", "3"]
+  runs = run_on_8_host_devices(
+      "sharded_training",
+      f"{{a: sharded_training.main({args!r} + ['--attention', a]) "
+      "for a in ('flash', 'xla')}", "{'data': 4, 'model': 2}")
   flash, xla = runs["flash"], runs["xla"]
   assert flash["attention_collectives"] == {}
   # The data-parallel gradient all-reduce is there, and attention changes
@@ -73,6 +80,15 @@ def test_sharded_training_attention_adds_no_collective():
   assert flash["step_collectives"].get("all-reduce", 0) > 0
   assert flash["step_collectives"] == xla["step_collectives"]
   assert math.isfinite(flash["final_loss"])
+
+
+def test_long_context_trains_with_the_sequence_on_a_ring():
+  run = run_on_8_host_devices("long_context", f"long_context.main({TINY!r})",
+                              "{'seq': 8}")
+  # K/V go around the ring; nothing gathers the sequence.
+  assert run["step_collectives"].get("collective-permute", 0) > 0
+  assert "all-gather" not in run["step_collectives"]
+  assert run["final_loss"] < run["first_loss"] - 0.1
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 
 Importing this package never needs a GPU or the compiled library; the
 dispatcher asks `unavailable_reason()` and `unsupported_reason(...)` before
-calling `attention`. Layers, one module each: `library` (find, load and
-register the shared library), `lowering` (the FFI custom calls),
-`partitioning` (sharding rules), `primitives` (abstract evaluation,
-batching, lowering registration) and `ops` (padding and the custom VJP).
+calling `attention`. Layers, one module each: `instantiations` (the head
+dims and archs kernels can be built for, shared with the build), `library`
+(find, load and register the shared library; the kernel arch of each call),
+`lowering` (the FFI custom calls and their operand lists), `partitioning`
+(sharding rules), `primitives` (abstract evaluation, batching, lowering
+registration) and `ops` (padding and the custom VJP).
 
 Letters: B batch, Sq/Sk query/key length, H query heads, Hkv KV heads, D
 head dim of q and k, Dv head dim of v.
@@ -21,20 +23,12 @@ import jax.numpy as jnp
 
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library
-from jax_flash.cuda.ops import (DTYPE_NAMES, attention, attention_backward,
+from jax_flash.cuda.library import DTYPE_NAMES
+from jax_flash.cuda.ops import (attention, attention_backward,
                                 attention_forward, kernel_head_dim)
 
 __all__ = ["unavailable_reason", "unsupported_reason", "attention",
            "attention_forward", "attention_backward"]
-
-
-def _capability(device: jax.Device) -> Optional[int]:
-  """10 * major + minor of a CUDA device, or None if it does not say."""
-  text = str(getattr(device, "compute_capability", ""))
-  major, _, minor = text.partition(".")
-  if not (major.isdigit() and minor.isdigit()):
-    return None
-  return int(major) * 10 + int(minor)
 
 
 @functools.cache
@@ -54,12 +48,15 @@ def unavailable_reason() -> Optional[str]:
   device = jax.devices()[0]
   if "cuda" not in device.client.platform_version.lower():
     return f"the GPU runs {device.client.platform_version}, not CUDA"
-  capability = _capability(device)
+  capability = library.device_capability(device)
   info = library.load().build_info
   if capability is None or not info.runs_on(capability):
     built = ", ".join(f"sm_{a}" for a in info.archs)
     return (f"{device.device_kind} (sm_{capability}) is not among the "
             f"architectures built: {built}")
+  if library.forced_arch() == 90 and capability // 10 != 9:
+    return (f"{library.FORCE_ARCH_ENV_VAR}=sm90, but the sm90 kernels need "
+            f"a GPU of compute capability 9.x, not sm_{capability}")
   try:
     library.register_targets()
   except Exception as e:  # pylint: disable=broad-except
@@ -74,7 +71,8 @@ def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Arguments are the validated, batched ones `flash_attention` passes on.
   """
-  del masks
+  if masks.q_offset is not None or masks.kv_offset is not None:
+    return "query/key position offsets"
   if config.dropout_rate > 0:
     return "dropout_rate > 0"
   dtype = jnp.dtype(q.dtype)

@@ -1,5 +1,11 @@
 """The FFI custom calls of docs/ffi_contract.md, for already local shapes.
 
+`FORWARD`, `BACKWARD` and `DECODE` list each call's operands, results and
+attributes in the order of its handler's `Bind()` chain (csrc/ffi/ffi_fwd.cu,
+ffi_bwd.cu, ffi_decode.cu);
+calls are made through them, by name, and tests/test_cuda_structure.py reads
+the chains and docs/ffi_contract.md and checks that all three agree.
+
 These functions only emit a custom call by name; the library is needed to
 run the result, not to build it (except for the size of the backward's
 scratch buffer, which only the library knows).
@@ -7,7 +13,8 @@ scratch buffer, which only the library knows).
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,41 +28,115 @@ MASK_OPERANDS = (("alibi_slopes", jnp.float32),
                  ("kv_segment_ids", jnp.int32),
                  ("q_lengths", jnp.int32),
                  ("kv_lengths", jnp.int32))
-"""The optional operands, in contract order, with their dtypes."""
+"""The optional mask operands, in contract order, with their dtypes."""
 
 
-BACKWARD_EXTRA_OPERANDS = (("dlse", jnp.float32),)
-"""Optional operands the backward takes after the masks: lse's cotangent."""
+@dataclasses.dataclass(frozen=True)
+class CustomCall:
+  """One FFI custom call, named in the order of its handler's Bind() chain.
+
+  Attributes:
+    target: the registered name.
+    operands: the operands every call passes.
+    optional: (name, dtype) of the operands that follow them, each passed as
+      an empty (0,) array when absent.
+    results: the results.
+    attributes: the attributes.
+  """
+
+  target: str
+  operands: tuple[str, ...]
+  optional: tuple[tuple[str, Any], ...]
+  results: tuple[str, ...]
+  attributes: tuple[str, ...]
+
+  def __call__(self, results: Sequence[jax.ShapeDtypeStruct],
+               operands: Sequence[jax.Array],
+               optional: Mapping[str, jax.Array],
+               attributes: Mapping[str, Any]) -> Sequence[jax.Array]:
+    """Emits the call; `optional` holds the optional operands given."""
+    unknown = set(optional) - {name for name, _ in self.optional}
+    if (len(operands) != len(self.operands) or unknown or
+        len(results) != len(self.results) or
+        set(attributes) != set(self.attributes)):
+      raise ValueError(
+          f"{self.target}: operands {len(operands)} of {self.operands}, "
+          f"optional {sorted(optional)} of {self.optional}, "
+          f"{len(results)} results of {self.results}, attributes "
+          f"{sorted(attributes)} of {self.attributes}")
+    call = jax.ffi.ffi_call(self.target, tuple(results))
+    return call(*operands,
+                *(optional[name] if name in optional
+                  else jnp.zeros((0,), dtype) for name, dtype in self.optional),
+                **{name: attributes[name] for name in self.attributes})
 
 
-def _mask_operands(masks: Sequence[jax.Array], mask_names: tuple[str, ...],
-                   operands=MASK_OPERANDS) -> list[jax.Array]:
-  """Every optional operand: the given ones, an empty (0,) for the rest."""
-  given = dict(zip(mask_names, masks))
-  unknown = set(given) - {name for name, _ in operands}
-  if unknown:
-    raise ValueError(f"unexpected optional operands {sorted(unknown)}")
-  return [given.get(name, jnp.zeros((0,), dtype)) for name, dtype in operands]
+_ATTRIBUTES = ("softmax_scale", "window_left", "window_right", "softcap",
+               "kernel_arch")
+
+FORWARD = CustomCall(
+    library.FORWARD_TARGET, operands=("q", "k", "v"), optional=MASK_OPERANDS,
+    results=("out", "lse"), attributes=_ATTRIBUTES)
+
+BACKWARD = CustomCall(
+    library.BACKWARD_TARGET,
+    operands=("q", "k", "v", "out", "dout", "lse"),
+    # After the masks: lse's cotangent.
+    optional=MASK_OPERANDS + (("dlse", jnp.float32),),
+    results=("dq", "dk", "dv", "dalibi", "workspace"),
+    attributes=_ATTRIBUTES + ("deterministic",))
 
 
-def _attributes(config: AttentionConfig) -> dict[str, np.generic]:
-  """The forward's FFI attributes, typed as the handlers decode them."""
+DECODE = CustomCall(
+    library.DECODE_TARGET,
+    operands=("q", "k_cache", "v_cache", "seq_lengths"),
+    optional=(("block_table", jnp.int32), ("alibi_slopes", jnp.float32)),
+    results=("out", "lse", "workspace"),
+    attributes=("softmax_scale", "window_left", "window_right", "softcap"))
+
+
+def given_masks(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
+  """The mask arrays that are present, and their names."""
+  names = tuple(name for name, _ in MASK_OPERANDS
+                if getattr(masks, name) is not None)
+  return [getattr(masks, name) for name in names], names
+
+
+def _attributes(config: AttentionConfig, direction: str,
+                q: jax.Array) -> dict[str, np.generic]:
+  """The attributes both calls share, typed as the handlers decode them;
+  the kernel arch is chosen for `direction` at q's dtype and head dim."""
   left, right = config.effective_window
+  arch = library.kernel_arch(direction, library.DTYPE_NAMES[q.dtype],
+                             q.shape[3])
   return dict(softmax_scale=np.float32(config.softmax_scale),
               window_left=np.int32(left), window_right=np.int32(right),
-              softcap=np.float32(config.softcap))
+              softcap=np.float32(config.softcap),
+              kernel_arch=np.int32(arch))
 
 
 def forward_call(q: jax.Array, k: jax.Array, v: jax.Array,
                  *masks: jax.Array, config: AttentionConfig,
                  mask_names: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
-  """`jax_flash_fwd`: (out (B, Sq, H, Dv), lse (B, H, Sq) f32)."""
+  """`jax_flash_fwd`: (out (B, Sq, H, Dv), lse (B, H, Sq) f32).
+
+  Short queries go to `jax_flash_decode` instead where it covers the call
+  (`decode.covers`): K/V are then read once for every query head sharing
+  them, split over the SMs along the keys.
+  """
+  from jax_flash.cuda import decode  # pylint: disable=import-outside-toplevel
   batch, sq, heads, _ = q.shape
+  if decode.covers(q, k, v, mask_names):
+    given = dict(zip(mask_names, masks))
+    lengths = given.get("kv_lengths")
+    if lengths is None:
+      lengths = jnp.full((batch,), k.shape[1], jnp.int32)
+    return decode.decode_call(q, k, v, lengths, config=config,
+                              alibi_slopes=given.get("alibi_slopes"))
   results = (jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype),
              jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32))
-  call = jax.ffi.ffi_call(library.FORWARD_TARGET, results)
-  out, lse = call(q, k, v, *_mask_operands(masks, mask_names),
-                  **_attributes(config))
+  out, lse = FORWARD(results, (q, k, v), dict(zip(mask_names, masks)),
+                     _attributes(config, "fwd", q))
   return out, lse
 
 
@@ -79,17 +160,8 @@ def backward_call(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
              jax.ShapeDtypeStruct((batch, heads) if has_alibi else (0,),
                                   jnp.float32),
              jax.ShapeDtypeStruct((workspace,), jnp.uint8))
-  call = jax.ffi.ffi_call(library.BACKWARD_TARGET, results)
-  optional = _mask_operands(masks, mask_names,
-                            MASK_OPERANDS + BACKWARD_EXTRA_OPERANDS)
-  dq, dk, dv, dalibi, _ = call(q, k, v, out, dout, lse, *optional,
-                               deterministic=bool(config.deterministic),
-                               **_attributes(config))
+  attributes = _attributes(config, "bwd", q)
+  attributes["deterministic"] = bool(config.deterministic)
+  dq, dk, dv, dalibi, _ = BACKWARD(results, (q, k, v, out, dout, lse),
+                                   dict(zip(mask_names, masks)), attributes)
   return (dq, dk, dv, dalibi) if has_alibi else (dq, dk, dv)
-
-
-def given_masks(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
-  """The mask arrays that are present, and their names."""
-  names = tuple(name for name, _ in MASK_OPERANDS
-                if getattr(masks, name) is not None)
-  return [getattr(masks, name) for name in names], names

@@ -19,17 +19,14 @@ from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library, lowering, primitives
 from jax_flash.first_order import first_order_only
 
-DTYPE_NAMES = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "fp16"}
-"""Input dtypes the kernels take, with their names in the build info."""
-
 
 def kernel_head_dim(dtype: jnp.dtype, needed: int) -> Optional[int]:
   """The compiled head dim the kernels run head dims up to `needed` at."""
-  return library.kernel_head_dim(DTYPE_NAMES[jnp.dtype(dtype)], needed)
+  return library.kernel_head_dim(library.DTYPE_NAMES[jnp.dtype(dtype)], needed)
 
 
 def _padded_dim(dtype: jnp.dtype, needed: int) -> int:
-  if jnp.dtype(dtype) not in DTYPE_NAMES:
+  if jnp.dtype(dtype) not in library.DTYPE_NAMES:
     raise TypeError("jax_flash's CUDA kernels take bfloat16 or float16, got "
                     f"{jnp.dtype(dtype).name}")
   dim = kernel_head_dim(dtype, needed)

@@ -18,11 +18,8 @@ import jax
 import jax.numpy as jnp
 
 import jax_flash
-from jax_flash.attention import normalize_arguments
+from jax_flash.attention import SegmentIds, normalize_arguments
 from jax_flash.flax.dense_mask import masked_attention
-
-SegmentIds = Any
-"""One (batch..., S) integer array (self-attention), or a pair of them."""
 
 
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -30,7 +27,7 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, *,
            bias: Optional[jax.Array] = None,
            causal: bool = False,
            window_size: Optional[tuple[int, int]] = None,
-           segment_ids: SegmentIds = None,
+           segment_ids: Optional[SegmentIds] = None,
            q_seq_lengths: Optional[jax.Array] = None,
            kv_seq_lengths: Optional[jax.Array] = None,
            dropout_rate: float = 0.0,

@@ -92,7 +92,7 @@ class FlashMultiHeadAttention(nn.Module):
                sow_weights: bool = False,
                causal: bool = False,
                window_size: Optional[tuple[int, int]] = None,
-               segment_ids: SegmentIds = None,
+               segment_ids: Optional[SegmentIds] = None,
                q_seq_lengths: Optional[jax.Array] = None,
                kv_seq_lengths: Optional[jax.Array] = None) -> jax.Array:
     """Projects the inputs, attends, and projects back.

@@ -110,7 +110,7 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
                causal: bool = False,
                is_causal: bool = False,
                window_size: Optional[tuple[int, int]] = None,
-               segment_ids: SegmentIds = None,
+               segment_ids: Optional[SegmentIds] = None,
                q_seq_lengths: Optional[jax.Array] = None,
                kv_seq_lengths: Optional[jax.Array] = None,
                out_sharding: Any = None,

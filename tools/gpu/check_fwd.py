@@ -5,7 +5,8 @@ Calls the handler directly, as jax_flash.cuda.lowering emits it (no
 padding, batching or custom VJP: see kernel_calls.py), so it tests csrc/
 alone. Needs a GPU, the built jax_flash/_lib/libjax_flash_cuda.so, and torch
 for the timings, which go through jax_flash.bench (timing, FLOP counts and
-PyTorch runner).
+PyTorch runner). JAX_FLASH_FORCE_ARCH=sm80 checks the sm80 kernels on a GPU
+that would run sm90 ones.
 
   PYTHONPATH=. python3 tools/gpu/check_fwd.py [--skip-timing] [--log DIR]
 
@@ -31,7 +32,7 @@ import kernel_calls
 from jax_flash.bench import cases as bench_cases
 from jax_flash.bench import flops, implementations, timing, torch_runner
 from jax_flash.config import AttentionConfig, MaskArrays
-from jax_flash.cuda import library
+from jax_flash.cuda import instantiations, library
 from jax_flash.reference import reference_attention
 
 
@@ -119,7 +120,7 @@ def check(c: Case, seed: int) -> dict:
 
 def cases() -> list[Case]:
   out = []
-  for d in (32, 64, 96, 128, 160, 192, 224, 256):
+  for d in instantiations.HEAD_DIMS:
     for causal in (False, True):
       out.append(Case(f"d{d} causal={causal}", d=d, causal=causal))
   out.append(Case("fp16 d64", d=64, dtype="float16"))

@@ -3,7 +3,8 @@
 Run under `compute-sanitizer --tool memcheck` (or racecheck with --small) to
 check every kernel of the forward and backward passes on shapes with ragged
 tiles, GQA, every mask, alibi with its gradient, softcap and deterministic
-mode:
+mode, and short queries (the decoding kernel's forward when
+JAX_FLASH_DECODE_KERNEL=1; the sm90 forward with JAX_FLASH_FORCE_ARCH=sm90):
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck \
       --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py
@@ -76,6 +77,19 @@ def main() -> None:
     cases = [cases[0], cases[1], cases[4]]
   for name, d, config, masks in cases:
     _case(0, batch, sq, sk, 4, 2, d, config, masks)
+    print(f"ran {name}", flush=True)
+  # Short queries: the decoding kernel's forward (with
+  # JAX_FLASH_DECODE_KERNEL=1), split over the keys, 16 and 64 rows per CTA.
+  decode_cases = [
+      ("decode sq1 d128", 1, 128, 4, AttentionConfig(128 ** -0.5)),
+      ("decode sq4 gqa8 causal d128", 4, 128, 8,
+       AttentionConfig(128 ** -0.5, causal=True, softcap=5.0)),
+      ("decode sq2 d256 window", 2, 256, 2,
+       AttentionConfig(0.0625, window_left=300)),
+  ]
+  for name, q_len, d, group, config in decode_cases[:2 if args.small else 3]:
+    _case(1, 2, q_len, 1500, 2 * group, 2, d, config,
+          MaskArrays(kv_lengths=jnp.asarray([1500, 777], jnp.int32)))
     print(f"ran {name}", flush=True)
 
 

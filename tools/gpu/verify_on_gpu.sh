@@ -4,7 +4,7 @@
 # kernel, racecheck on small shapes). Logs go to $OUT (default
 # /tmp/jax_flash_verify); a summary table is printed last.
 #
-#   JAX_FLASH_CUDA_ARCHS=90 python build/build_cuda.py   # first
+#   JAX_FLASH_CUDA_ARCHS=80,90 python build/build_cuda.py   # first
 #   bash tools/gpu/verify_on_gpu.sh
 set -u
 cd "$(dirname "$0")/../.."
@@ -26,8 +26,14 @@ step() {  # step NAME TIMEOUT COMMAND...
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader \
   > "$OUT/gpu.txt" 2>&1
-step pytest_gpu "${PYTEST_LIMIT:-240}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_cuda_kernels.py
+# The GPU suite once per kernel arch (sm90 where built, sm80 for the rest),
+# and the decoding kernel's own tests.
+step pytest_sm80 "${PYTEST_LIMIT:-240}" env JAX_FLASH_FORCE_ARCH=sm80 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
+step pytest_sm90 "${PYTEST_LIMIT:-240}" env JAX_FLASH_FORCE_ARCH=sm90 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
+step pytest_decode "${PYTEST_LIMIT:-240}" env JAX_FLASH_DECODE_KERNEL=1 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_decode.py
 if [[ -n "${WITH_CHECK_SCRIPTS:-}" ]]; then  # slower; the suite covers them
   step check_fwd 240 python3 tools/gpu/check_fwd.py --skip-timing --lib "$LIB"
   step check_bwd 300 python3 tools/gpu/check_bwd.py --skip-timing --no-torch \
@@ -36,6 +42,12 @@ fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck "${SAN_LIMIT:-120}" "$SAN" --tool memcheck --error-exitcode 3 \
   --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py
+# The sm90 forward and the decoding kernel: memcheck, racecheck, synccheck.
+for tool in memcheck racecheck synccheck; do
+  step "${tool}_new" "${SAN_LIMIT:-120}" env JAX_FLASH_FORCE_ARCH=sm90 \
+    JAX_FLASH_DECODE_KERNEL=1 "$SAN" --tool "$tool" --error-exitcode 3 \
+    --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py --small
+done
 step racecheck "${SAN_LIMIT:-100}" "$SAN" --tool racecheck --error-exitcode 3 \
   --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py --small
 # The leaner kernels an A100 runs (one K/V or Q/dO stage), on this GPU.

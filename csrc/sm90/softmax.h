@@ -9,7 +9,7 @@
 
 #include <cute/tensor.hpp>
 
-#include "utils.h"
+#include "common/utils.h"
 
 namespace jax_flash {
 namespace sm90 {

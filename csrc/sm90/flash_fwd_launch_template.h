@@ -8,10 +8,10 @@
 
 #include <cute/tensor.hpp>
 
-#include "flash.h"
-#include "sm90/fwd_kernel_sm90.h"
-#include "sm90/fwd_kernel_traits_sm90.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "sm90/flash_fwd_kernel.h"
+#include "sm90/flash_fwd_kernel_traits.h"
+#include "common/utils.h"
 
 namespace jax_flash {
 namespace sm90 {
@@ -72,7 +72,7 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
 // kernel needs when the device offers less (launching nothing). The caller
 // checks cudaGetLastError() afterwards.
 template <typename T, int kHeadDim>
-int run_mha_fwd_sm90_(const FwdParams& p, cudaStream_t stream) {
+int run_mha_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Traits = sm90::FwdKernelTraits<T, kHeadDim>;
   if (Traits::kSmemBytes > p.max_smem_per_block) return Traits::kSmemBytes;
   // The plain path keeps raw scores and folds a positive scale into exp2;

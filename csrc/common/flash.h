@@ -14,6 +14,17 @@
 
 namespace jax_flash {
 
+// log2(e): the kernels compute exp(x) as exp2(x * kLog2e).
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Dynamic shared memory one CTA may opt into, by device. sm_80 (A100):
+// 163 KB; kernels whose fast configuration needs more also get a leaner
+// variant (fewer buffers), picked at run time from the device's own limit.
+// sm_90 (H100, H200): 227 KB. (sm_86 / sm_89 offer 99 KB: the larger head
+// dims do not fit there.)
+constexpr int kSm80SmemPerBlock = 163 * 1024;
+constexpr int kSm90SmemPerBlock = 227 * 1024;
+
 // Inputs and outputs of the forward pass, and everything a mask needs.
 struct FwdParams {
   // q (B, Sq, H, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv): dtype T.
@@ -36,8 +47,7 @@ struct FwdParams {
   int seqlen_k = 0;   // Sk
   int num_heads = 0;  // H
   int num_heads_kv = 0;  // Hkv
-  int head_dim = 0;   // D
-  int head_dim_v = 0;  // Dv
+  int head_dim = 0;   // D (== Dv)
 
   // logits = q.k * softmax_scale before softcap and alibi.
   float softmax_scale = 1.f;
@@ -61,7 +71,7 @@ struct FwdParams {
   int num_sms = 0;      // multiprocessors on the device
   // Dynamic shared memory a CTA may opt into on the device (bytes); the
   // launch templates pick leaner variants below their fast kernels' needs.
-  int max_smem_per_block = 227 * 1024;
+  int max_smem_per_block = kSm90SmemPerBlock;
 };
 
 // The backward pass: the forward's inputs and mask, plus out, dout, lse and
@@ -90,15 +100,18 @@ struct BwdParams : FwdParams {
   bool deterministic = false;
 };
 
-// One instantiation per (T, kHeadDim) is compiled from the files
-// build/generate_kernels.py writes; build/generated/kernel_list.h lists them.
-// T is __nv_bfloat16 or __half; kHeadDim = D = Dv. They return 0 once the
-// kernels are launched, or, launching nothing, the bytes of shared memory
-// per block the smallest variant needs when the device offers less.
-template <typename T, int kHeadDim>
+// One specialization per (kArch, T, kHeadDim) is compiled from the files
+// build/generate_kernels.py writes, each calling its arch's launch template
+// (csrc/sm80/, csrc/sm90/); build/generated/kernel_list.h declares them.
+// kArch is the architecture the kernel is written for (80: mma.sync, runs on
+// every GPU from sm_80 on; 90: sm_90a only), T is __nv_bfloat16 or __half;
+// kHeadDim = D = Dv. They return 0 once the kernels are launched, or,
+// launching nothing, the bytes of shared memory per block the smallest
+// variant needs when the device offers less.
+template <int kArch, typename T, int kHeadDim>
 int run_mha_fwd_(const FwdParams& params, cudaStream_t stream);
 
-template <typename T, int kHeadDim>
+template <int kArch, typename T, int kHeadDim>
 int run_mha_bwd_(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace jax_flash

@@ -28,12 +28,6 @@ constexpr int fwd_min_ctas_per_sm(int head_dim) {
   return head_dim <= 128 ? 2 : 1;
 }
 
-// Dynamic shared memory one CTA may opt into on an A100 (sm_80): 163 KB.
-// Kernels whose fast configuration needs more also get a leaner variant
-// (fewer buffers), picked at run time from the device's own limit. H100:
-// 227 KB. (sm_86 / sm_89 offer 99 KB: the larger head dims do not fit there.)
-constexpr int kSm80SmemPerBlock = 163 * 1024;
-
 // Shared-memory rows are padded by 8 elements (16 bytes): the row pitch is
 // then an odd number of 16-byte units for every supported head dim (D / 8 is
 // even), so the 8 row addresses of an ldmatrix hit 8 different bank groups.

@@ -8,10 +8,10 @@
 #include <string>
 #include <type_traits>
 
-#include "ffi_common.h"
-#include "flash.h"
-#include "flash_bwd_tile_size.h"
+#include "common/flash.h"
+#include "ffi/ffi_common.h"
 #include "kernel_list.h"
+#include "sm80/flash_bwd_tile_size.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -20,14 +20,16 @@ namespace jax_flash {
 
 namespace {
 
-// Runs the compiled instantiation for (dtype, head dim): false if there is
-// none; *smem_needed as run_mha_bwd_ returns it.
-bool dispatch_bwd(const BwdParams& p, cudaStream_t stream, int* smem_needed) {
-#define JAX_FLASH_BWD_CASE(T, dtype_tag, D)                    \
-  if (p.is_bf16 == std::is_same_v<T, __nv_bfloat16> &&         \
-      p.head_dim == D) {                                       \
-    *smem_needed = run_mha_bwd_<T, D>(p, stream);              \
-    return true;                                               \
+// Runs the compiled instantiation for (kernel_arch, dtype, head dim): false
+// if there is none; *smem_needed as run_mha_bwd_ returns it.
+bool dispatch_bwd(const BwdParams& p, int32_t kernel_arch, cudaStream_t stream,
+                  int* smem_needed) {
+#define JAX_FLASH_BWD_CASE(arch, T, dtype_tag, D)               \
+  if (kernel_arch == arch &&                                    \
+      p.is_bf16 == std::is_same_v<T, __nv_bfloat16> &&          \
+      p.head_dim == D) {                                        \
+    *smem_needed = run_mha_bwd_<arch, T, D>(p, stream);         \
+    return true;                                                \
   }
   JAX_FLASH_BWD_KERNELS(JAX_FLASH_BWD_CASE)
 #undef JAX_FLASH_BWD_CASE
@@ -47,7 +49,7 @@ ffi::Error JaxFlashBwdImpl(
     ffi::Result<ffi::Buffer<ffi::F32>> dalibi,
     ffi::Result<ffi::Buffer<ffi::U8>> workspace, float softmax_scale,
     int32_t window_left, int32_t window_right, float softcap,
-    bool deterministic) {
+    int32_t kernel_arch, bool deterministic) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument(
@@ -113,9 +115,8 @@ ffi::Error JaxFlashBwdImpl(
   p.num_heads = static_cast<int>(H);
   p.num_heads_kv = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
-  p.head_dim_v = static_cast<int>(Dv);
   p.softmax_scale = softmax_scale;
-  p.softmax_scale_log2 = softmax_scale * 1.4426950408889634f;
+  p.softmax_scale_log2 = softmax_scale * kLog2e;
   p.window_left = window_left;
   p.window_right = window_right;
   p.softcap = softcap;
@@ -149,12 +150,15 @@ ffi::Error JaxFlashBwdImpl(
   if (B == 0 || Sq == 0 || H == 0) return ffi::Error::Success();
 
   set_device_info(&p);
+  e = check_kernel_arch(kTarget, kernel_arch, p);
+  if (e.failure()) return e;
 
-  const std::string what = std::string("jax_flash_bwd (") +
+  const std::string what = std::string("jax_flash_bwd (sm") +
+                           std::to_string(kernel_arch) + ", " +
                            (p.is_bf16 ? "bf16" : "fp16") + ", D=" +
                            std::to_string(D) + ")";
   int smem_needed = 0;
-  if (!dispatch_bwd(p, stream, &smem_needed)) {
+  if (!dispatch_bwd(p, kernel_arch, stream, &smem_needed)) {
     return ffi::Error::InvalidArgument(what + ": not compiled in this build");
   }
   if (smem_needed > 0) return shared_memory_error(what, smem_needed, p);
@@ -194,6 +198,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("window_left")     // -1 = unbounded
         .Attr<int32_t>("window_right")    // -1 = unbounded; causal is 0
         .Attr<float>("softcap")           // 0 = off
+        .Attr<int32_t>("kernel_arch")     // 80 or 90: the kernels to run
         .Attr<bool>("deterministic"),     // bitwise reproducible gradients
     {ffi::Traits::kCmdBufferCompatible});
 

@@ -25,11 +25,11 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/pipeline.hpp>
 
-#include "flash.h"
-#include "mask.h"
-#include "sm90/fwd_kernel_traits_sm90.h"
-#include "sm90/fwd_softmax_sm90.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "sm90/flash_fwd_kernel_traits.h"
+#include "sm90/softmax.h"
+#include "common/utils.h"
 
 namespace jax_flash {
 namespace sm90 {
@@ -221,7 +221,6 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
 
   const ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
   // With score modifiers the scores are natural-log logits already scaled.
-  constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = kScoreMod ? kLog2e : p.softmax_scale_log2;
 
   // Tiles wholly inside the unmasked key range skip the per-element mask.
@@ -247,21 +246,15 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int i = m0 + get<0>(coords_rc(r, 0));
-      const int lo = mask.row_key_begin(i);
-      const int hi = mask.row_key_end(i);
-      const int q_id = mask.has_segments()
-          ? mask.q_segment_ids[min(i, p.seqlen_q - 1)] : 0;
+      const MaskRow row = mask.row(i);
 #pragma unroll
       for (int c = 0; c < size<1>(s_rc); ++c) {
         const int j = n0 + get<1>(coords_rc(r, c));
         if constexpr (kScoreMod) s_rc(r, c) = score_mod(s_rc(r, c), i, j);
         if (masked) {
-          bool visible = j >= lo && j < hi;
-          if (mask.has_segments()) {
-            visible = visible &&
-                      mask.kv_segment_ids[min(j, p.seqlen_k - 1)] == q_id;
-          }
-          if (!visible) s_rc(r, c) = -INFINITY;
+          const int kv_segment = mask.has_segments()
+              ? mask.kv_segment_ids[min(j, p.seqlen_k - 1)] : 0;
+          if (!row.sees(j, kv_segment)) s_rc(r, c) = -INFINITY;
         }
       }
     }

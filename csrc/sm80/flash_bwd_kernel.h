@@ -23,15 +23,15 @@
 #include <cmath>
 #include <type_traits>
 
-#include "bulk_copy.h"
-#include "flash.h"
-#include "flash_bwd_preprocess.h"
-#include "flash_bwd_tile_size.h"
-#include "flash_bwd_warp_mma.h"
-#include "mask.h"
-#include "tile_copy.h"
-#include "tile_size.h"
-#include "utils.h"
+#include "common/bulk_copy.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/tile_copy.h"
+#include "common/utils.h"
+#include "sm80/flash_bwd_preprocess.h"
+#include "sm80/flash_bwd_tile_size.h"
+#include "sm80/tile_size.h"
+#include "sm80/warp_mma.h"
 
 namespace jax_flash {
 
@@ -60,14 +60,14 @@ struct BwdKernelTraits {
   static constexpr int kSmemBytes =
       (2 * kTileK + 2 * kQStages * kTileQ + 2 * kTileP) * sizeof(T) +
       (2 * kQStages * kBlockM + kBlockN + 16 * kBlockM) * 4;
-  static_assert(kSmemBytes <= 227 * 1024, "over the sm90 limit per CTA");
+  static_assert(kSmemBytes <= kSm90SmemPerBlock, "over the sm90 limit per CTA");
   // sm90: dQ of a step staged in shared memory, kBlockM rows of D floats
   // (padded by 8 floats so that the fragment writes hit distinct banks),
   // where it fits beside two Q/dO stages.
   static constexpr int kDqPitch = kHeadDim + 8;
   static constexpr int kSmemBytesStagedDq = kSmemBytes + kBlockM * kDqPitch * 4;
   static constexpr bool kCanStageDq =
-      kQStages == 2 && kSmemBytesStagedDq <= 227 * 1024;
+      kQStages == 2 && kSmemBytesStagedDq <= kSm90SmemPerBlock;
 
   // Warp tiling (8 warps). S and dP (kBlockM x kBlockN): 2 x 4 warps.
   static constexpr int kSM16 = kBlockM / 2 / 16;
@@ -124,7 +124,6 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kPitch = Traits::kPitch, kPitchP = Traits::kPitchP;
   constexpr int kSM16 = Traits::kSM16, kSN8 = Traits::kSN8;
-  constexpr float kLog2e = 1.4426950408889634f;
 
   extern __shared__ __align__(16) char smem[];
   T* sK = reinterpret_cast<T*>(smem);
@@ -264,7 +263,7 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   float acc_dv[Traits::kKvM16][Traits::kKvN8][4];
   zero(acc_dk);
   zero(acc_dv);
-  const Softcap softcap = Softcap::make(p);
+  ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
   const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
 
   for (int step = 0; step < num_steps; ++step) {
@@ -330,7 +329,7 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     // already) also dS = P * (dP - delta) * d(softcap) in place of dP.
     // kMask: kNoMask (every element visible), kRangeMask (each row sees a
     // range of keys) or kSegmentMask (and only keys of its segment).
-    const Alibi alibi = Alibi::make(p, b, h, mask);
+    score_mod.alibi = Alibi::make(p, b, h, mask);  // of this step's head
     float alibi_rows[kSM16][2][3] = {};
     auto probs = [&](auto masked, auto with_grads) {
       constexpr int kMask = decltype(masked)::value;
@@ -346,14 +345,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
           const float lse2 = i < p.seqlen_q && lse != -INFINITY
               ? lse * kLog2e : INFINITY;
           [[maybe_unused]] const float delta = s_delta[stage * kBlockM + r];
-          int key_lo = 0, key_hi = 0, q_seg = 0;
-          if constexpr (kMask != kNoMask) {
-            key_lo = mask.row_key_begin(i);
-            key_hi = mask.row_key_end(i);
-          }
-          if constexpr (kMask == kSegmentMask) {
-            q_seg = i < p.seqlen_q ? mask.q_segment_ids[i] : 0;
-          }
+          [[maybe_unused]] MaskRow row = {};
+          if constexpr (kMask != kNoMask) row = mask.row(i);
 #pragma unroll
           for (int nj = 0; nj < kSN8; ++nj) {
 #pragma unroll
@@ -363,19 +356,14 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
               float prob;
               [[maybe_unused]] float capped = 0.f;
               if constexpr (kScoreMod) {
-                capped = softcap.enabled() ? softcap(sv * p.softmax_scale)
-                                           : sv * p.softmax_scale;
-                const float logit =
-                    alibi.enabled() ? capped + alibi(i, j) : capped;
+                const float logit = score_mod(sv, i, j, &capped);
                 prob = exp2_approx(logit * kLog2e - lse2);
               } else {
                 prob = exp2_approx(sv * p.softmax_scale_log2 - lse2);
               }
               if constexpr (kMask != kNoMask) {
-                bool visible = j >= key_lo && j < key_hi;
-                if constexpr (kMask == kSegmentMask) {
-                  visible = visible && q_seg == s_kv_seg[jt];
-                }
+                const bool visible = kMask == kSegmentMask
+                    ? row.sees(j, s_kv_seg[jt]) : row.sees(j);
                 prob = visible ? prob : 0.f;
               }
               sv = prob;
@@ -386,14 +374,14 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
                   if (want_dalibi) {
                     // d logit / d slope = -|d|; summed per row with the
                     // row's own delta by the dalibi reduction.
-                    const float dist = -alibi.grad_slope(i, j);
+                    const float dist = -score_mod.alibi.grad_slope(i, j);
                     const float pdp = prob * dpv;
                     alibi_rows[mi][e][0] += pdp * dist;
                     alibi_rows[mi][e][1] += prob * dist;
                     alibi_rows[mi][e][2] += pdp;
                   }
-                  if (softcap.enabled()) {
-                    ds *= softcap.grad_from_output(capped);
+                  if (score_mod.softcap.enabled()) {
+                    ds *= score_mod.softcap.grad_from_output(capped);
                   }
                 }
                 dpv = ds;

@@ -1,13 +1,14 @@
-// Launches the forward kernel for one (dtype, head dim). Instantiated once per
-// pair by the files build/generate_kernels.py writes.
+// Launches the sm80 forward kernel for one (dtype, head dim): the
+// run_mha_fwd_<80, T, D> of each file build/generate_kernels.py writes calls
+// run_mha_fwd_sm80<T, D>.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "flash.h"
-#include "flash_fwd_kernel.h"
-#include "tile_size.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/utils.h"
+#include "sm80/flash_fwd_kernel.h"
+#include "sm80/tile_size.h"
 
 namespace jax_flash {
 
@@ -53,7 +54,7 @@ int run_fwd_with(const FwdParams& p, cudaStream_t stream) {
 // double-buffered kernel exceeds an A100's). The caller checks
 // cudaGetLastError() afterwards.
 template <typename T, int kHeadDim>
-int run_mha_fwd_(const FwdParams& p, cudaStream_t stream) {
+int run_mha_fwd_sm80(const FwdParams& p, cudaStream_t stream) {
   using TwoStages = FwdTraitsFor<T, kHeadDim, 2>;
   if constexpr (TwoStages::kSmemBytes > kSm80SmemPerBlock) {
     if (TwoStages::kSmemBytes > p.max_smem_per_block) {

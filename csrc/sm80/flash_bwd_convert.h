@@ -10,9 +10,9 @@
 // the cotangent of lse (0 when none is given).
 #pragma once
 
-#include "flash.h"
-#include "flash_bwd_preprocess.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/utils.h"
+#include "sm80/flash_bwd_preprocess.h"
 
 namespace jax_flash {
 

@@ -4,8 +4,8 @@
 // deterministic-order semaphores).
 #pragma once
 
-#include "flash.h"
-#include "flash_bwd_tile_size.h"
+#include "common/flash.h"
+#include "sm80/flash_bwd_tile_size.h"
 
 namespace jax_flash {
 

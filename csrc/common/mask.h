@@ -1,4 +1,8 @@
-// Masks and score modifiers, as small functors the mainloops call.
+// Masks and score modifiers: the functors every mainloop calls, in both
+// directions and on every architecture. They take (query row, key column)
+// coordinates and score values, never a fragment layout, so a mainloop of any
+// MMA shape applies them to the elements it holds; a new mask or score
+// variant changes this file alone.
 //
 // Semantics (docs/ffi_contract.md): for batch row b, offset = kv_len - q_len
 // and d = i + offset - j for query i, key j.
@@ -8,18 +12,47 @@
 //   window_left), (window_right < 0 or -d <= window_right), and equal segment
 //   ids when given.
 //
-// `AttentionMask` answers per element (`visible`) and per tile: the range of
-// keys a block of queries can see (forward loop bounds), the range of queries
-// a block of keys is seen by (backward loop bounds), and whether a tile needs
-// per-element masking at all.
+// `AttentionMask` answers per tile: the range of keys a block of queries can
+// see (forward loop bounds), the range of queries a block of keys is seen by
+// (backward loop bounds), and whether a tile needs per-element masking at
+// all; per query row it gives a `MaskRow`, which tests keys one by one.
+// `ScoreMod` turns a raw q.k into the logit.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "flash.h"
+#include "common/flash.h"
 
 namespace jax_flash {
+
+// What one query row sees: keys [key_begin, key_end) by position (lengths,
+// causal, window) and, with segment ids, only keys of its segment. A
+// mainloop makes one per row, so that the per-row work happens once, and
+// tests each key it holds.
+struct MaskRow {
+  int key_begin;
+  int key_end;
+  int segment;  // its segment id (0 without segment ids or past q_len)
+
+  // Whether segment ids q and kv let a query see a key.
+  __device__ __forceinline__ static bool same_segment(int q, int kv) {
+    return q == kv;
+  }
+  // Whether the row sees key j by position.
+  __device__ __forceinline__ bool sees(int j) const {
+    return j >= key_begin && j < key_end;
+  }
+  // Whether the row sees key j, whose segment id is kv_segment.
+  __device__ __forceinline__ bool sees(int j, int kv_segment) const {
+    return sees(j) && same_segment(segment, kv_segment);
+  }
+  // The same row with keys counted from `origin` (a tile's first key, say),
+  // so that a mainloop can test offsets known at compile time.
+  __device__ __forceinline__ MaskRow from(int origin) const {
+    return {key_begin - origin, key_end - origin, segment};
+  }
+};
 
 struct AttentionMask {
   int q_len;   // queries at or past it see nothing
@@ -46,22 +79,6 @@ struct AttentionMask {
     m.kv_segment_ids = p.kv_segment_ids
         ? p.kv_segment_ids + static_cast<int64_t>(b) * p.seqlen_k : nullptr;
     return m;
-  }
-
-  // Whether query i sees key j, by position only (no segment ids).
-  __device__ __forceinline__ bool visible_by_position(int i, int j) const {
-    const int d = i + offset - j;
-    return j < kv_len && i < q_len &&
-           (window_left < 0 || d <= window_left) &&
-           (window_right < 0 || -d <= window_right);
-  }
-
-  // Whether query i sees key j. Segment ids are read from global memory: a
-  // mainloop that tests many elements should cache them (see `has_segments`).
-  __device__ __forceinline__ bool visible(int i, int j) const {
-    return visible_by_position(i, j) &&
-           (q_segment_ids == nullptr ||
-            q_segment_ids[i] == kv_segment_ids[j]);
   }
 
   __device__ __forceinline__ bool has_segments() const {
@@ -92,15 +109,15 @@ struct AttentionMask {
                            : min(q_len, last_k - offset + window_left + 1);
   }
 
-  // Keys query i sees by position: [row_key_begin(i), row_key_end(i)),
-  // empty for a query past q_len. Mainloops test two integers per element.
-  __device__ __forceinline__ int row_key_begin(int i) const {
-    return key_begin(i);
-  }
-  __device__ __forceinline__ int row_key_end(int i) const {
-    if (i >= q_len) return 0;
-    return window_right < 0 ? kv_len
-                            : min(kv_len, i + offset + window_right + 1);
+  // What query i sees; no key for a query past q_len.
+  __device__ __forceinline__ MaskRow row(int i) const {
+    MaskRow r;
+    r.key_begin = key_begin(i);
+    r.key_end = i >= q_len ? 0
+        : window_right < 0 ? kv_len
+                           : min(kv_len, i + offset + window_right + 1);
+    r.segment = has_segments() && i < q_len ? q_segment_ids[i] : 0;
+    return r;
   }
 
   // Keys [*lo, *hi) are visible to every query in [m0, m1) (queries past
@@ -176,7 +193,8 @@ struct Alibi {
 };
 
 // The score modifiers in the order the contract applies them: the natural
-// log-domain logit of raw dot product `dot` at (i, j).
+// log-domain logit of raw dot product `dot` at (i, j). Their derivatives sit
+// beside them (Softcap::grad_from_output, Alibi::grad_slope).
 struct ScoreMod {
   float scale;
   Softcap softcap;
@@ -187,15 +205,19 @@ struct ScoreMod {
                                                   const AttentionMask& mask) {
     return {p.softmax_scale, Softcap::make(p), Alibi::make(p, b, h, mask)};
   }
-  // True when logits are more than q.k * scale.
-  __device__ __forceinline__ bool enabled() const {
-    return softcap.enabled() || alibi.enabled();
-  }
-  __device__ __forceinline__ float operator()(float dot, int i, int j) const {
+  // The logit; *capped receives it after softcap and before alibi, the
+  // value softcap's derivative is taken from.
+  __device__ __forceinline__ float operator()(float dot, int i, int j,
+                                              float* capped) const {
     float x = dot * scale;
     if (softcap.enabled()) x = softcap(x);
+    *capped = x;
     if (alibi.enabled()) x += alibi(i, j);
     return x;
+  }
+  __device__ __forceinline__ float operator()(float dot, int i, int j) const {
+    float capped;
+    return (*this)(dot, i, j, &capped);
   }
 };
 

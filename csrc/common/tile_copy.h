@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "utils.h"
+#include "common/utils.h"
 
 namespace jax_flash {
 

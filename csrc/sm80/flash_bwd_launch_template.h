@@ -1,16 +1,16 @@
 // Launches the three backward kernels for one (dtype, head dim):
 // preprocess (delta, zeroed scratch), the main kernel (dK, dV, dQ partials,
-// dalibi partials), convert (dQ to T, dalibi). Instantiated once per pair by
-// the files build/generate_kernels.py writes.
+// dalibi partials), convert (dQ to T, dalibi). The run_mha_bwd_<80, T, D> of
+// each file build/generate_kernels.py writes calls run_mha_bwd_sm80<T, D>.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "flash.h"
-#include "flash_bwd_convert.h"
-#include "flash_bwd_kernel.h"
-#include "flash_bwd_preprocess.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/utils.h"
+#include "sm80/flash_bwd_convert.h"
+#include "sm80/flash_bwd_kernel.h"
+#include "sm80/flash_bwd_preprocess.h"
 
 namespace jax_flash {
 
@@ -86,7 +86,7 @@ int run_bwd_with(const BwdParams& p, cudaStream_t stream) {
 // Two Q/dO stages where the device has the shared memory for them, else one
 // (compiled only for head dims whose two-stage kernel exceeds an A100's).
 template <typename T, int kHeadDim>
-int run_mha_bwd_(const BwdParams& p, cudaStream_t stream) {
+int run_mha_bwd_sm80(const BwdParams& p, cudaStream_t stream) {
   using TwoStages = BwdKernelTraits<T, kHeadDim, 2>;
   if constexpr (TwoStages::kSmemBytes > kSm80SmemPerBlock) {
     if (TwoStages::kSmemBytes > p.max_smem_per_block) {

@@ -1,16 +1,16 @@
 // XLA FFI handler `JaxFlashFwd` (custom call target "jax_flash_fwd"): checks
 // the operands against docs/ffi_contract.md, fills FwdParams and launches the
-// forward kernel compiled for the operands' dtype and head dim.
+// forward kernel compiled for the chosen arch and the operands' dtype and
+// head dim.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 
-#include "ffi_common.h"
-#include "flash.h"
+#include "common/flash.h"
+#include "ffi/ffi_common.h"
 #include "kernel_list.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -32,7 +32,8 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    float softmax_scale, int32_t window_left,
-                   int32_t window_right, float softcap) {
+                   int32_t window_right, float softcap,
+                   int32_t kernel_arch) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
     return ffi::Error::InvalidArgument(
@@ -94,28 +95,31 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   p.num_heads = static_cast<int>(H);
   p.num_heads_kv = static_cast<int>(Hkv);
   p.head_dim = static_cast<int>(D);
-  p.head_dim_v = static_cast<int>(Dv);
   p.softmax_scale = softmax_scale;
-  p.softmax_scale_log2 = softmax_scale * static_cast<float>(M_LOG2E);
+  p.softmax_scale_log2 = softmax_scale * kLog2e;
   p.window_left = window_left < 0 ? -1 : window_left;
   p.window_right = window_right < 0 ? -1 : window_right;
   p.softcap = softcap > 0.f ? softcap : 0.f;
   p.is_bf16 = dtype == kDtype_bf16;
   set_device_info(&p);
+  e = check_kernel_arch(kTarget, kernel_arch, p);
+  if (e.failure()) return e;
 
   const char* kernel = nullptr;
   int smem_needed = 0;
-#define JAX_FLASH_DISPATCH_FWD(T, tag, head_dim)                     \
-  if (kernel == nullptr && dtype == kDtype_##tag && D == head_dim) { \
-    smem_needed = run_mha_fwd_<T, head_dim>(p, stream);              \
-    kernel = "flash_fwd<" #tag ", " #head_dim ">";                   \
+#define JAX_FLASH_DISPATCH_FWD(arch, T, tag, head_dim)                    \
+  if (kernel == nullptr && kernel_arch == arch && dtype == kDtype_##tag && \
+      D == head_dim) {                                                    \
+    smem_needed = run_mha_fwd_<arch, T, head_dim>(p, stream);             \
+    kernel = "flash_fwd<sm" #arch ", " #tag ", " #head_dim ">";           \
   }
   JAX_FLASH_FWD_KERNELS(JAX_FLASH_DISPATCH_FWD)
 #undef JAX_FLASH_DISPATCH_FWD
   if (kernel == nullptr) {
     return ffi::Error::InvalidArgument(
-        "jax_flash_fwd: no kernel built for this dtype and head dim " +
-        std::to_string(D) + " (see jax_flash_build_info)");
+        "jax_flash_fwd: no sm" + std::to_string(kernel_arch) +
+        " kernel built for this dtype and head dim " + std::to_string(D) +
+        " (see jax_flash_build_info)");
   }
   if (smem_needed > 0) {
     return shared_memory_error(std::string("jax_flash_fwd: ") + kernel,
@@ -148,5 +152,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<float>("softmax_scale")      // multiplies q.k first
         .Attr<int32_t>("window_left")      // -1 = unbounded
         .Attr<int32_t>("window_right")     // -1 = unbounded; causal = 0
-        .Attr<float>("softcap"),           // 0 = off
+        .Attr<float>("softcap")            // 0 = off
+        .Attr<int32_t>("kernel_arch"),     // 80 or 90: the kernels to run
     {ffi::Traits::kCmdBufferCompatible});

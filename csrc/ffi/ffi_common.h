@@ -10,7 +10,7 @@
 #include <initializer_list>
 #include <string>
 
-#include "flash.h"
+#include "common/flash.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash {
@@ -136,6 +136,18 @@ inline void set_device_info(FwdParams* p) {
       p->max_smem_per_block = static_cast<int>(value);
     }
   }
+}
+
+// An error unless kernels written for `kernel_arch` (the attribute the
+// lowering chose) run on this device: sm90 kernels use sm_90a instructions,
+// which only GPUs of compute capability 9.x have. Call after
+// set_device_info.
+inline ffi::Error check_kernel_arch(const char* target, int32_t kernel_arch,
+                                    const FwdParams& p) {
+  if (kernel_arch != 90 || p.arch / 10 == 9) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(
+      std::string(target) + ": the sm90 kernels need a GPU of compute "
+      "capability 9.x, this one is sm_" + std::to_string(p.arch));
 }
 
 // The error for a failed launch, naming the kernel.

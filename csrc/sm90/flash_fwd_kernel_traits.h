@@ -14,7 +14,7 @@
 #include <cutlass/gemm/collective/builders/sm90_common.inl>
 #include <cutlass/pipeline/pipeline.hpp>
 
-#include "sm90/fwd_tile_size_sm90.h"
+#include "sm90/tile_size.h"
 
 namespace jax_flash {
 namespace sm90 {

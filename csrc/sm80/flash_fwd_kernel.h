@@ -14,12 +14,13 @@
 #include <cmath>
 #include <type_traits>
 
-#include "flash.h"
-#include "mask.h"
-#include "softmax.h"
-#include "tile_copy.h"
-#include "tile_size.h"
-#include "utils.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/tile_copy.h"
+#include "common/utils.h"
+#include "sm80/softmax.h"
+#include "sm80/tile_size.h"
+#include "sm80/warp_mma.h"
 
 namespace jax_flash {
 
@@ -94,6 +95,8 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   const uint32_t k_base = q_base + Traits::kQElems * sizeof(T);
   const uint32_t v_base =
       k_base + Traits::kStages * Traits::kKVElems * sizeof(T);
+  const T* k_smem = q_smem + Traits::kQElems;
+  const T* v_smem = k_smem + Traits::kStages * Traits::kKVElems;
   constexpr uint32_t kStageBytes = Traits::kKVElems * sizeof(T);
 
   // Longest query tiles first: under a causal mask the last tiles have the
@@ -142,19 +145,6 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   const int n_lo = key_lo / kBlockN;
   const int n_hi = (key_hi - 1) / kBlockN;
 
-  // Per-lane ldmatrix offsets (elements) within a tile; see utils.h.
-  // Q (A operand): lanes 0-15 rows 0-15 at column 0, lanes 16-31 at 8.
-  const uint32_t q_lane = q_base + ((warp_row0 + lane % 16) * kPitch +
-                                    (lane / 16) * 8) * sizeof(T);
-  // K (B operand of S, stored n-major): matrices (n0-7,k0-7), (n0-7,k8-15),
-  // (n8-15,k0-7), (n8-15,k8-15).
-  const uint32_t k_lane = ((lane / 16) * 8 + lane % 8) * kPitch * sizeof(T) +
-                          ((lane / 8) % 2) * 8 * sizeof(T);
-  // V (B operand of O, stored k-major, read transposed): matrices
-  // (k0-7,d0-7), (k8-15,d0-7), (k0-7,d8-15), (k8-15,d8-15).
-  const uint32_t v_lane = (((lane / 8) % 2) * 8 + lane % 8) * kPitch *
-                              sizeof(T) + (lane / 16) * 8 * sizeof(T);
-
   auto kv_rows = [&](int n) { return min(kBlockN, p.seqlen_k - n * kBlockN); };
 
   load_tile<Traits, kBlockM>(q_base, q, p.q_row_stride, rows_here, tid);
@@ -166,20 +156,12 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   cp_async_commit();
 
   float acc[kRowBlocks][kDTiles][4];
-#pragma unroll
-  for (int mb = 0; mb < kRowBlocks; ++mb) {
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mb][dt][e] = 0.f;
-    }
-  }
+  zero(acc);
   OnlineSoftmax<kRowBlocks> softmax;
   softmax.init();
 
   const ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
   // With score modifiers the scores are natural-log logits already scaled.
-  constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = kScoreMod ? kLog2e : p.softmax_scale_log2;
   const int row_base = m0 + warp_row0 + g;  // + 16 * mb + 8 * r
 
@@ -189,8 +171,8 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
   auto step = [&](int n, auto masked) {
     constexpr bool kMasked = decltype(masked)::value;
     const int n0 = n * kBlockN;
-    const uint32_t k_tile = k_base + stage * kStageBytes;
-    const uint32_t v_tile = v_base + stage * kStageBytes;
+    const T* k_tile = k_smem + stage * Traits::kKVElems;
+    const T* v_tile = v_smem + stage * Traits::kKVElems;
 
     cp_async_wait<1>();  // K[n] has landed (V[n] may still be in flight)
     __syncthreads();
@@ -208,33 +190,9 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 
     // S = Q K^T
     float s[kRowBlocks][kNTiles][4];
-#pragma unroll
-    for (int mb = 0; mb < kRowBlocks; ++mb) {
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mb][nt][e] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < Traits::kHeadDim / 16; ++ks) {
-      uint32_t a[kRowBlocks][4];
-#pragma unroll
-      for (int mb = 0; mb < kRowBlocks; ++mb) {
-        ldmatrix_x4(a[mb], q_lane + (mb * 16 * kPitch + ks * 16) * sizeof(T));
-      }
-#pragma unroll
-      for (int np = 0; np < kNTiles / 2; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, k_tile + k_lane +
-                            (np * 16 * kPitch + ks * 16) * sizeof(T));
-#pragma unroll
-        for (int mb = 0; mb < kRowBlocks; ++mb) {
-          mma_16816<T>(s[mb][2 * np], a[mb], bk[0], bk[1]);
-          mma_16816<T>(s[mb][2 * np + 1], a[mb], bk[2], bk[3]);
-        }
-      }
-    }
+    zero(s);
+    warp_mma<kRowBlocks, kNTiles, Traits::kHeadDim, false, false>(
+        s, q_smem + warp_row0 * kPitch, kPitch, k_tile, kPitch);
 
     // Score modifiers, then the mask on tiles that cross a mask boundary.
     if (kScoreMod) {
@@ -256,17 +214,15 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
       for (int mb = 0; mb < kRowBlocks; ++mb) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int i = row_base + 16 * mb + 8 * r;
-          // Columns of this lane are n0 + 8 nt + 2t + e: compare once per
-          // row against the row's visible key range, shifted to the tile.
-          const int lo = mask.row_key_begin(i) - n0 - 2 * t;
-          const int hi = mask.row_key_end(i) - n0 - 2 * t;
+          // Columns of this lane are n0 + 8 nt + 2t + e: the row's keys
+          // counted from n0 + 2t, so that each test has a constant offset.
+          const MaskRow row =
+              mask.row(row_base + 16 * mb + 8 * r).from(n0 + 2 * t);
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int jj = nt * 8 + e;
-              if (jj < lo || jj >= hi) s[mb][nt][2 * r + e] = -INFINITY;
+              if (!row.sees(nt * 8 + e)) s[mb][nt][2 * r + e] = -INFINITY;
             }
           }
         }
@@ -283,7 +239,7 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
                 const int i = min(row_base + 16 * mb + 8 * r, p.seqlen_q - 1);
-                if (mask.q_segment_ids[i] != kv_seg) {
+                if (!MaskRow::same_segment(mask.q_segment_ids[i], kv_seg)) {
                   s[mb][nt][2 * r + e] = -INFINITY;
                 }
               }
@@ -321,24 +277,9 @@ flash_fwd_kernel(const __grid_constant__ FwdParams p) {
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[kRowBlocks][4];
-#pragma unroll
-      for (int mb = 0; mb < kRowBlocks; ++mb) {
-        a[mb][0] = pack2<T>(s[mb][2 * kk][0], s[mb][2 * kk][1]);
-        a[mb][1] = pack2<T>(s[mb][2 * kk][2], s[mb][2 * kk][3]);
-        a[mb][2] = pack2<T>(s[mb][2 * kk + 1][0], s[mb][2 * kk + 1][1]);
-        a[mb][3] = pack2<T>(s[mb][2 * kk + 1][2], s[mb][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_tile + v_lane +
-                                  (kk * 16 * kPitch + dp * 16) * sizeof(T));
-#pragma unroll
-        for (int mb = 0; mb < kRowBlocks; ++mb) {
-          mma_16816<T>(acc[mb][2 * dp], a[mb], bv[0], bv[1]);
-          mma_16816<T>(acc[mb][2 * dp + 1], a[mb], bv[2], bv[3]);
-        }
-      }
+      accumulator_as_a<T>(s, kk, a);
+      warp_mma_a_in_registers<kRowBlocks, kDTiles, true>(acc, a, v_tile,
+                                                         kPitch, kk * 16);
     }
     if constexpr (Traits::kStages == 2) {
       stage ^= 1;

@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "utils.h"
+#include "common/utils.h"
 
 namespace jax_flash {
 

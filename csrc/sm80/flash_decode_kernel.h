@@ -1,0 +1,425 @@
+// Split-KV decoding kernel (sm80 instructions, bandwidth-bound) and the
+// combine kernel that merges its partial results.
+//
+// Decoding multiplies a handful of query rows with a long K/V cache, so time
+// is the time to read K and V once. One CTA per (split, row tile, batch row,
+// K/V head): the G = H / Hkv query heads of the K/V head and the Sq new
+// tokens are packed into rows r = g * Sq + s, so every query head sharing a
+// K/V head reads it once. The CTA streams its split's key range through a
+// cp.async pipeline (decode_stages() stages of 64 keys); its four warps
+// either take a quarter (or half) of every key tile each, for few rows, or
+// an m16 block of rows each, for many. Each warp keeps an online softmax:
+//   S = Q K^T (mma.sync m16n8k16), logits with softcap/alibi, the masks,
+//   P = exp(S - max), O += P V.
+// The warps' (out, lse) are merged through shared memory; with one split
+// that is the result, otherwise a float32 partial per split that
+// flash_decode_combine_kernel merges (the same math as
+// jax_flash.merge_attention_states).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/decode_params.h"
+#include "common/mask.h"
+#include "common/utils.h"
+#include "sm80/decode_tile_size.h"
+#include "sm80/softmax.h"
+#include "sm80/tile_size.h"
+#include "sm80/warp_mma.h"
+
+namespace jax_flash {
+
+template <typename T_, int kHeadDim_, int kKeyWarps_>
+struct DecodeTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kDecodeWarps;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kKeyWarps = kKeyWarps_;          // warps per key tile
+  static constexpr int kRowWarps = kNWarps / kKeyWarps;  // m16 row blocks
+  static constexpr int kRows = 16 * kRowWarps;           // query rows per CTA
+  static constexpr int kBlockN = kDecodeBlockN;
+  static constexpr int kWarpKeys = kBlockN / kKeyWarps;  // keys a warp takes
+  static constexpr int kNTiles = kWarpKeys / 8;          // n8 tiles of S
+  static constexpr int kDTiles = kHeadDim / 8;           // n8 tiles of O
+  static constexpr int kStages = decode_stages(kHeadDim);
+  static constexpr int kPitch = smem_row_pitch(kHeadDim);  // elements
+  static constexpr int kChunksPerRow = kHeadDim / 8;       // 16-byte chunks
+  // Shared memory: Q, kStages K tiles, kStages V tiles, then one flag per
+  // key of each stage (the key is readable: inside the split's range and in
+  // a valid block). The epilogue reuses the K/V tiles for the warps'
+  // float32 outputs and lse.
+  static constexpr int kQBytes = kRows * kPitch * static_cast<int>(sizeof(T));
+  static constexpr int kTileBytes =
+      kBlockN * kPitch * static_cast<int>(sizeof(T));
+  static constexpr int kKVBytes = 2 * kStages * kTileBytes;
+  static constexpr int kFlagBytes = kStages * kBlockN * 4;
+  static constexpr int kSmemBytes = kQBytes + kKVBytes + kFlagBytes;
+  // Epilogue: a (16 x (kHeadDim + 1)) float tile and 16 lse per warp.
+  static constexpr int kScratchBytes = kNWarps * 16 * (kHeadDim + 2) * 4;
+
+  static_assert(kNWarps % kKeyWarps == 0, "warps split rows x keys");
+  static_assert(kNTiles % 2 == 0, "K fragments load two n8 tiles at once");
+  static_assert(kHeadDim % 16 == 0, "head dim in k16 steps");
+  static_assert(kScratchBytes <= kKVBytes, "epilogue fits in the K/V tiles");
+  static_assert((kBlockN * kChunksPerRow) % kNThreads == 0 &&
+                (kRows * kChunksPerRow) % kNThreads == 0,
+                "tile loads split evenly over the threads");
+};
+
+// Where row b's key `key` of K/V head `kv_h` lies in the cache (elements
+// from the cache's start), and whether it may be read: false for a block id
+// outside [0, num_blocks) in a paged cache.
+__device__ __forceinline__ int64_t cache_offset(const DecodeParams& p, int b,
+                                                int kv_h, int key, bool* ok) {
+  int64_t slot = key;
+  int64_t base = static_cast<int64_t>(b) * p.kv_batch_stride;
+  if (p.block_table != nullptr) {
+    const int block =
+        p.block_table[static_cast<int64_t>(b) * p.max_blocks +
+                      key / p.block_size];
+    *ok = block >= 0 && block < p.num_blocks;
+    base = *ok ? static_cast<int64_t>(block) * p.kv_batch_stride : 0;
+    slot = key % p.block_size;
+  }
+  return base + slot * p.kv_row_stride + kv_h * p.kv_head_stride;
+}
+
+// Writes one row's merged result: out (T) and lse, or the split's float32
+// partial. `o` holds 4 consecutive output columns starting at d0.
+template <typename T>
+__device__ __forceinline__ void store_row(const DecodeParams& p, int split,
+                                          int b, int h, int s, int d0,
+                                          const float (&o)[4], float lse) {
+  if (p.num_splits == 1) {
+    T* out = static_cast<T*>(p.out) + b * p.out_batch_stride +
+             s * p.out_row_stride + h * p.out_head_stride + d0;
+    *reinterpret_cast<uint2*>(out) =
+        make_uint2(pack2<T>(o[0], o[1]), pack2<T>(o[2], o[3]));
+    if (d0 == 0) {
+      p.lse[(static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q + s] =
+          lse;
+    }
+    return;
+  }
+  const int64_t row =
+      ((static_cast<int64_t>(split) * p.batch + b) * p.num_heads + h) *
+          p.seqlen_q + s;
+  *reinterpret_cast<float4*>(p.partial_out + row * p.head_dim + d0) =
+      make_float4(o[0], o[1], o[2], o[3]);
+  if (d0 == 0) p.partial_lse[row] = lse;
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads)
+flash_decode_kernel(const __grid_constant__ DecodeParams p) {
+  using T = typename Traits::T;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kNTiles = Traits::kNTiles;
+  constexpr int kDTiles = Traits::kDTiles;
+  constexpr int kPitch = Traits::kPitch;
+  constexpr int kChunksPerRow = Traits::kChunksPerRow;
+  constexpr int kNThreads = Traits::kNThreads;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t q_base = smem_addr(smem_raw);
+  const uint32_t k_base = q_base + Traits::kQBytes;
+  const uint32_t v_base = k_base + kStages * Traits::kTileBytes;
+  int* key_ok =
+      reinterpret_cast<int*>(smem_raw + Traits::kQBytes + Traits::kKVBytes);
+
+  const int split = blockIdx.x;
+  const int row0 = blockIdx.y * Traits::kRows;  // first packed row g*Sq+s
+  const int b = blockIdx.z / p.num_heads_kv;
+  const int kv_h = blockIdx.z % p.num_heads_kv;
+  const int groups = p.num_heads / p.num_heads_kv;
+  const int total_rows = groups * p.seqlen_q;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;  // accumulator row within the m16 block (and +8)
+  const int t = lane % 4;  // accumulator column pair within an n8 tile
+  const int row_warp = warp / Traits::kKeyWarps;
+  const int key_warp = warp % Traits::kKeyWarps;
+
+  // The Sq queries are the last Sq positions of the row's len keys.
+  const int len = min(max(p.seq_lengths[b], 0), p.capacity);
+  const AttentionMask mask{p.seqlen_q, len, len - p.seqlen_q, p.window_left,
+                           p.window_right, nullptr, nullptr};
+  // Keys some query sees, then this split's share of them (whole tiles).
+  const int visible_lo = mask.key_begin(0);
+  const int visible_hi = mask.key_end(p.seqlen_q);
+  const int span = max(visible_hi - visible_lo, 0);
+  const int per_split =
+      ceil_div(ceil_div(span, p.num_splits), kBlockN) * kBlockN;
+  const int key_lo = visible_lo + split * per_split;
+  const int key_hi = min(visible_hi, key_lo + per_split);
+  const int num_tiles = key_hi > key_lo ? ceil_div(key_hi - key_lo, kBlockN)
+                                        : 0;
+
+  // Packed row r of this CTA: query head and token, or past the rows.
+  auto head_of = [&](int r) { return kv_h * groups + r / p.seqlen_q; };
+  auto token_of = [&](int r) { return r % p.seqlen_q; };
+
+  if (num_tiles == 0) {
+    // Nothing visible in this split: out 0 and lse -inf for every row.
+    const float zero[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c = tid; c < Traits::kRows * (kHeadDim / 4); c += kNThreads) {
+      const int r = row0 + c / (kHeadDim / 4);
+      if (r < total_rows) {
+        store_row<T>(p, split, b, head_of(r), token_of(r),
+                     (c % (kHeadDim / 4)) * 4, zero, -INFINITY);
+      }
+    }
+    return;
+  }
+
+  // Q tile: rows past the packed rows are zero.
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+#pragma unroll
+    for (int it = 0; it < Traits::kRows * kChunksPerRow / kNThreads; ++it) {
+      const int c = tid + it * kNThreads;
+      const int row = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      const int r = row0 + row;
+      const bool ok = r < total_rows;
+      const T* src = ok ? q + token_of(r) * p.q_row_stride +
+                              head_of(r) * p.q_head_stride + col
+                        : q;
+      cp_async_16(q_base + (row * kPitch + col) * sizeof(T), src, ok);
+    }
+  }
+
+  const T* k_cache = static_cast<const T*>(p.k);
+  const T* v_cache = static_cast<const T*>(p.v);
+  // Keys [key_lo + n * kBlockN, +kBlockN) into stage `stage`; keys past the
+  // split or in an invalid block are zero-filled and flagged unreadable.
+  auto load_kv = [&](int n, int stage) {
+    const int n0 = key_lo + n * kBlockN;
+#pragma unroll
+    for (int it = 0; it < kBlockN * kChunksPerRow / kNThreads; ++it) {
+      const int c = tid + it * kNThreads;
+      const int row = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      const int key = n0 + row;
+      bool ok = key < key_hi;
+      const int64_t offset = ok ? cache_offset(p, b, kv_h, key, &ok) : 0;
+      const uint32_t dst =
+          stage * Traits::kTileBytes + (row * kPitch + col) * sizeof(T);
+      cp_async_16(k_base + dst, k_cache + (ok ? offset + col : 0), ok);
+      cp_async_16(v_base + dst, v_cache + (ok ? offset + col : 0), ok);
+      if (col == 0) key_ok[stage * kBlockN + row] = ok;
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_kv(s, s);
+    cp_async_commit();  // the first group carries Q as well
+  }
+
+  // This warp's operands in shared memory: its 16 query rows, and the
+  // first of its keys in each K and V tile.
+  const T* q_warp = reinterpret_cast<const T*>(smem_raw) +
+                    row_warp * 16 * kPitch;
+  const int warp_key_offset = key_warp * Traits::kWarpKeys * kPitch;
+
+  // This lane's two rows (g and g + 8 of the warp's m16 block): their query
+  // token (Sq for padding rows, which then see no key), head and alibi slope.
+  int token[2];
+  float slope[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + row_warp * 16 + g + 8 * r;
+    const bool live = row < total_rows;
+    token[r] = live ? token_of(row) : p.seqlen_q;
+    slope[r] = live && p.alibi_slopes != nullptr
+        ? p.alibi_slopes[static_cast<int64_t>(b) * p.num_heads + head_of(row)]
+        : 0.f;
+  }
+  const Softcap softcap{p.softcap, p.softcap > 0.f ? 1.f / p.softcap : 0.f};
+
+  float acc[1][kDTiles][4];
+  zero(acc);
+  OnlineSoftmax<1> softmax;
+  softmax.init();
+
+  for (int n = 0; n < num_tiles; ++n) {
+    cp_async_wait<kStages - 2>();  // tile n (and Q) have landed
+    __syncthreads();               // and every warp is done with tile n - 1
+    const int next = n + kStages - 1;
+    if (next < num_tiles) load_kv(next, next % kStages);
+    cp_async_commit();
+
+    const int stage = n % kStages;
+    const T* k_tile = reinterpret_cast<const T*>(
+        smem_raw + Traits::kQBytes + stage * Traits::kTileBytes) +
+        warp_key_offset;
+    const T* v_tile = k_tile + kStages * Traits::kTileBytes / sizeof(T);
+
+    // S = Q K^T over this warp's keys of the tile
+    float s[1][kNTiles][4];
+    zero(s);
+    warp_mma<1, kNTiles, kHeadDim, false, false>(s, q_warp, kPitch, k_tile,
+                                                 kPitch);
+
+    // Logits (scale, softcap, alibi), then the mask: the row's visible key
+    // range and the tile's readable keys.
+    const int warp_key0 = key_lo + n * kBlockN + key_warp * Traits::kWarpKeys;
+    const int* ok_tile = key_ok + stage * kBlockN + key_warp * Traits::kWarpKeys;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const MaskRow row = mask.row(token[r]);
+      const int query_pos = token[r] + mask.offset;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int jj = nt * 8 + 2 * t + e;
+          const int j = warp_key0 + jj;
+          float x = s[0][nt][2 * r + e] * p.softmax_scale;
+          if (softcap.enabled()) x = softcap(x);
+          x -= slope[r] * fabsf(static_cast<float>(query_pos - j));
+          const bool visible = row.sees(j) && ok_tile[jj] != 0;
+          s[0][nt][2 * r + e] = visible ? x : -INFINITY;
+        }
+      }
+    }
+
+    softmax.update(s, acc, kLog2e);
+
+    // O += P V, P from the score registers.
+#pragma unroll
+    for (int kk = 0; kk < Traits::kWarpKeys / 16; ++kk) {
+      uint32_t a[1][4];
+      accumulator_as_a<T>(s, kk, a);
+      warp_mma_a_in_registers<1, kDTiles, true>(acc, a, v_tile, kPitch,
+                                                kk * 16);
+    }
+  }
+
+  // Epilogue: each warp's normalized rows and lse into shared memory (over
+  // the K/V tiles, now idle), then the warps that shared a key tile merged.
+  float inv_sum[1][2];
+  float lse[1][2];
+  softmax.finalize(inv_sum, lse, kLog2e);
+  cp_async_wait<0>();
+  __syncthreads();
+  constexpr int kScratchPitch = kHeadDim + 1;  // floats; staggers the banks
+  float* o_part = reinterpret_cast<float*>(smem_raw + Traits::kQBytes);
+  float* lse_part = o_part + Traits::kNWarps * 16 * kScratchPitch;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp * 16 + g + 8 * r;
+    if (t == 0) lse_part[row] = lse[0][r];
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        o_part[row * kScratchPitch + dt * 8 + 2 * t + e] =
+            acc[0][dt][2 * r + e] * inv_sum[0][r];
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int c = tid; c < Traits::kRows * (kHeadDim / 4); c += kNThreads) {
+    const int row = c / (kHeadDim / 4);  // row of the CTA's tile
+    const int d0 = (c % (kHeadDim / 4)) * 4;
+    const int r = row0 + row;
+    if (r >= total_rows) continue;
+    // Scratch row of key warp w for this tile row.
+    const int first = (row / 16) * Traits::kKeyWarps * 16 + row % 16;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < Traits::kKeyWarps; ++w) {
+      m = fmaxf(m, lse_part[first + 16 * w]);
+    }
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    float row_lse = -INFINITY;
+    if (m != -INFINITY) {
+      float total = 0.f;
+#pragma unroll
+      for (int w = 0; w < Traits::kKeyWarps; ++w) {
+        const float part_lse = lse_part[first + 16 * w];
+        if (part_lse == -INFINITY) continue;  // saw nothing: skip its row
+        const float weight = expf(part_lse - m);
+        total += weight;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          o[e] += weight *
+                  o_part[(first + 16 * w) * kScratchPitch + d0 + e];
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[e] /= total;
+      row_lse = m + logf(total);
+    }
+    store_row<T>(p, split, b, head_of(r), token_of(r), d0, o, row_lse);
+  }
+}
+
+// Merges the splits' float32 partials of one (b, h, s) row per warp into
+// out (T) and lse: lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse)
+// out_i; splits that saw nothing (lse_i = -inf) are skipped.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128)
+flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
+  constexpr int kPerLane = kHeadDim / 32;  // output columns of one lane
+  static_assert(kPerLane % 2 == 0, "columns in pairs");
+  const int64_t rows =
+      static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int s = static_cast<int>(row % p.seqlen_q);
+  const int h = static_cast<int>((row / p.seqlen_q) % p.num_heads);
+  const int b = static_cast<int>(row / (static_cast<int64_t>(p.seqlen_q) *
+                                        p.num_heads));
+
+  float m = -INFINITY;
+  for (int i = lane; i < p.num_splits; i += 32) {
+    m = fmaxf(m, p.partial_lse[i * rows + row]);
+  }
+#pragma unroll
+  for (int delta = 16; delta > 0; delta /= 2) {
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, delta));
+  }
+  float o[kPerLane];
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) o[e] = 0.f;
+  float row_lse = -INFINITY;
+  if (m != -INFINITY) {
+    float total = 0.f;
+    for (int i = 0; i < p.num_splits; ++i) {
+      const float part_lse = p.partial_lse[i * rows + row];
+      if (part_lse == -INFINITY) continue;
+      const float weight = expf(part_lse - m);
+      total += weight;
+      const float* part = p.partial_out + (i * rows + row) * kHeadDim +
+                          lane * kPerLane;
+#pragma unroll
+      for (int e = 0; e < kPerLane; e += 2) {
+        const float2 x = *reinterpret_cast<const float2*>(part + e);
+        o[e] += weight * x.x;
+        o[e + 1] += weight * x.y;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) o[e] /= total;
+    row_lse = m + logf(total);
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride +
+           s * p.out_row_stride + h * p.out_head_stride + lane * kPerLane;
+#pragma unroll
+  for (int e = 0; e < kPerLane; e += 2) {
+    *reinterpret_cast<uint32_t*>(out + e) = pack2<T>(o[e], o[e + 1]);
+  }
+  if (lane == 0) p.lse[row] = row_lse;
+}
+
+}  // namespace jax_flash

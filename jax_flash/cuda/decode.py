@@ -1,0 +1,104 @@
+"""The split-KV decoding kernel (csrc/sm80/flash_decode_kernel.h) as a call.
+
+`jax_flash_decode` computes a few query rows against a long K/V cache,
+contiguous (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with
+a block table, reading K/V once for all the query heads that share them (see
+csrc/common/decode_params.h for the layouts and conventions). It serves:
+
+* the forward of `flash_attention` for short queries (Sq <= MAX_QUERY_ROWS),
+  chosen in `lowering.forward_call` on local shapes, so the forward
+  primitive's batching and sharding rules apply unchanged (its backward is
+  the training kernel's, from the same out and lse);
+* `decode_call` with a block table, for paged caches.
+
+Until the kernel has run on a GPU it is opt-in: JAX_FLASH_DECODE_KERNEL=1
+(`enabled`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_flash.config import AttentionConfig
+from jax_flash.cuda import library, lowering
+
+MAX_QUERY_ROWS = 16
+"""Longest query (Sq) the decoding kernel takes."""
+
+ENABLE_ENV_VAR = "JAX_FLASH_DECODE_KERNEL"
+
+
+def enabled() -> bool:
+  """Whether the decoding kernel may be chosen (JAX_FLASH_DECODE_KERNEL=1)."""
+  return os.environ.get(ENABLE_ENV_VAR, "0").strip().lower() in (
+      "1", "true", "on", "yes")
+
+
+def built(dtype: jnp.dtype, head_dim: int) -> bool:
+  """Whether the loaded library holds the decoding kernel for (dtype, D)."""
+  name = library.DTYPE_NAMES.get(jnp.dtype(dtype))
+  if name is None or library.load_error() is not None:
+    return False
+  return bool(library.load().build_info.kernel_archs("decode", name,
+                                                     head_dim))
+
+
+def covers(q: jax.Array, k: jax.Array, v: jax.Array,
+           mask_names: tuple[str, ...]) -> bool:
+  """Whether a forward call with these local operands runs the decode kernel.
+
+  Short queries (Sq <= MAX_QUERY_ROWS) whose only mask arrays are alibi
+  slopes and key lengths, with D == Dv and the kernel built and enabled.
+  """
+  return (enabled() and q.shape[1] <= MAX_QUERY_ROWS and
+          set(mask_names) <= {"alibi_slopes", "kv_lengths"} and
+          q.shape[3] == k.shape[3] == v.shape[3] and
+          built(q.dtype, q.shape[3]))
+
+
+def decode_call(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                seq_lengths: jax.Array, *, config: AttentionConfig,
+                block_table: Optional[jax.Array] = None,
+                alibi_slopes: Optional[jax.Array] = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """`jax_flash_decode` on local shapes: (out (B, Sq, H, D), lse (B, H, Sq)).
+
+  Args:
+    q: (B, Sq, H, D) bfloat16 or float16.
+    k_cache, v_cache: (B, S_max, Hkv, D), or (num_blocks, block_size, Hkv,
+      D) with `block_table`.
+    seq_lengths: (B,) int32 valid keys per row (the Sq queries are the last
+      Sq of them); clamped to [0, capacity] by the kernel.
+    config: scale, window (causal folded in) and softcap; nothing else of it
+      applies.
+    block_table: (B, max_blocks) int32 for a paged cache; ids outside
+      [0, num_blocks) are read as empty blocks.
+    alibi_slopes: (B, H) float32 or None.
+  """
+  batch, sq, heads, head_dim = q.shape
+  kv_heads = k_cache.shape[2]
+  capacity = (k_cache.shape[1] if block_table is None
+              else block_table.shape[1] * k_cache.shape[1])
+  workspace = library.decode_workspace_bytes(batch, sq, heads, kv_heads,
+                                             head_dim, capacity)
+  optional = {}
+  if block_table is not None:
+    optional["block_table"] = block_table.astype(jnp.int32)
+  if alibi_slopes is not None:
+    optional["alibi_slopes"] = alibi_slopes.astype(jnp.float32)
+  left, right = config.effective_window
+  results = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+             jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32),
+             jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+  out, lse, _ = lowering.DECODE(
+      results, (q, k_cache, v_cache, seq_lengths.astype(jnp.int32)),
+      optional,
+      dict(softmax_scale=np.float32(config.softmax_scale),
+           window_left=np.int32(left), window_right=np.int32(right),
+           softcap=np.float32(config.softcap)))
+  return out, lse

@@ -1,0 +1,160 @@
+"""The split-KV decoding kernel (csrc/decode/) against the float32 reference.
+
+Skipped unless the library is built with the decoding kernel and the default
+backend is a CUDA GPU. Through `jax_flash.cuda.attention` the forward of a
+short query runs the decoding kernel (JAX_FLASH_DECODE_KERNEL=1) and the
+backward the training kernel, so FlashAttention's rule holds for out, lse
+and every gradient (numerics.py). The paged cache is checked through
+`decode.decode_call` against the contiguous one, bit for bit.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_qkv
+from jax_flash import cuda
+from jax_flash.config import AttentionConfig, MaskArrays
+from jax_flash.cuda import decode
+from jax_flash.reference import reference_attention
+from numerics import check_against_reference, make_masks
+
+DTYPE = jnp.bfloat16
+
+pytestmark = pytest.mark.skipif(
+    cuda.unavailable_reason() is not None or not decode.built(DTYPE, 128),
+    reason=str(cuda.unavailable_reason() or "decoding kernel not built"))
+
+
+@pytest.fixture(autouse=True)
+def _decode_kernel_on(monkeypatch):
+  monkeypatch.setenv(decode.ENABLE_ENV_VAR, "1")
+
+
+def _inputs(seed, batch, sq, sk, heads, kv_heads, d, dtype=DTYPE):
+  if not decode.built(dtype, d):
+    pytest.skip(f"decoding kernel not built for {jnp.dtype(dtype).name} "
+                f"head dim {d}")
+  q, k, v = random_qkv(seed, batch, sq, sk, heads, kv_heads, d, d, dtype)
+  assert decode.covers(q, k, v, ())
+  return q, k, v
+
+
+def _config(d, **options):
+  return AttentionConfig(softmax_scale=d ** -0.5, **options)
+
+
+@pytest.mark.parametrize("sq", [1, 3, 16])
+@pytest.mark.parametrize("sk", [1, 17, 577, 4099])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lengths(sq, sk, causal):
+  # B * Hkv = 2 CTAs per split: long caches get many splits and the combine.
+  q, k, v = _inputs(0, 1, sq, sk, 8, 2, 128)
+  check_against_reference(cuda.attention, q, k, v,
+                          _config(128, causal=causal), MaskArrays())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 4), (32, 8), (8, 1),
+                                            (64, 1)])
+@pytest.mark.parametrize("sq", [1, 4])
+def test_gqa_row_packing(heads, kv_heads, sq):
+  # (H / Hkv) * Sq rows of one K/V head: 1 .. 256, every warp arrangement.
+  q, k, v = _inputs(1, 2, sq, 1000, heads, kv_heads, 128)
+  check_against_reference(cuda.attention, q, k, v,
+                          _config(128, causal=True), MaskArrays())
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_head_dims(d):
+  q, k, v = _inputs(2, 3, 2, 2000, 8, 2, d)
+  check_against_reference(cuda.attention, q, k, v, _config(d, causal=True),
+                          MaskArrays())
+
+
+@pytest.mark.parametrize("options,parts", [
+    (dict(causal=True, window_left=100), {}),
+    (dict(window_left=300, window_right=5), {}),
+    (dict(softcap=5.0), {}),
+    ({}, dict(alibi=True)),
+    (dict(causal=True), dict(alibi=True)),
+])
+def test_masks_and_score_modifiers(options, parts):
+  rng = np.random.default_rng(3)
+  q, k, v = _inputs(3, 2, 4, 1500, 8, 2, 128)
+  masks = make_masks(rng, 2, 4, 1500, 8, **parts)
+  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
+                          masks)
+
+
+def test_key_lengths_including_zero_and_full():
+  q, k, v = _inputs(4, 4, 3, 3000, 8, 2, 128)
+  lengths = jnp.array([0, 1, 1777, 3000], jnp.int32)
+  check_against_reference(cuda.attention, q, k, v, _config(128, causal=True),
+                          MaskArrays(kv_lengths=lengths))
+
+
+def test_float16():
+  q, k, v = _inputs(5, 2, 1, 999, 8, 2, 128, dtype=jnp.float16)
+  check_against_reference(cuda.attention, q, k, v, _config(128),
+                          MaskArrays())
+
+
+def _paged(cache, block_size, order):
+  """(B, S, Hkv, D) -> (num_blocks, block_size, Hkv, D) pages in `order`."""
+  b, s, hkv, d = cache.shape
+  pages = cache.reshape(b * (s // block_size), block_size, hkv, d)
+  return pages[np.argsort(order)]
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_paged_cache_equals_contiguous(block_size):
+  q, k, v = _inputs(6, 3, 4, 1024, 8, 2, 128)
+  blocks_per_row = 1024 // block_size
+  order = np.random.default_rng(0).permutation(3 * blocks_per_row)
+  table = jnp.asarray(order.reshape(3, blocks_per_row), jnp.int32)
+  lengths = jnp.array([5, 1024, 700], jnp.int32)
+  config = _config(128, causal=True, softcap=20.0)
+  want = jax.jit(lambda *a: decode.decode_call(*a, config=config))(
+      q, k, v, lengths)
+  got = jax.jit(lambda *a: decode.decode_call(
+      *a[:4], config=config, block_table=a[4]))(
+          q, _paged(k, block_size, order), _paged(v, block_size, order),
+          lengths, table)
+  for name, a, b in zip(("out", "lse"), got, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32), err_msg=name)
+
+
+def test_block_ids_out_of_range_read_as_empty_blocks():
+  block_size, blocks = 16, 8
+  q, k, v = _inputs(7, 1, 1, block_size * blocks, 4, 1, 128)
+  order = np.arange(blocks)
+  table = jnp.asarray(order[None], jnp.int32).at[0, 2].set(-3).at[0, 5].set(
+      1000)
+  config = _config(128)
+  out, lse = jax.jit(lambda *a: decode.decode_call(
+      *a[:4], config=config, block_table=a[4]))(
+          q, _paged(k, block_size, order), _paged(v, block_size, order),
+          jnp.array([block_size * blocks]), table)
+  keep = np.ones(block_size * blocks, bool)
+  keep[2 * block_size:3 * block_size] = False
+  keep[5 * block_size:6 * block_size] = False
+  f32 = lambda x: x.astype(jnp.float32)
+  want_out, want_lse = reference_attention(f32(q), f32(k[:, keep]),
+                                           f32(v[:, keep]), config,
+                                           MaskArrays())
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(want_out, np.float32), atol=2e-2)
+  np.testing.assert_allclose(lse, want_lse, atol=1e-3)
+
+
+def test_lengths_past_the_capacity_are_clamped():
+  q, k, v = _inputs(8, 2, 1, 300, 8, 2, 128)
+  config = _config(128, causal=True)
+  call = jax.jit(lambda *a: decode.decode_call(*a, config=config))
+  past = call(q, k, v, jnp.array([10**6, 300], jnp.int32))
+  full = call(q, k, v, jnp.array([300, 300], jnp.int32))
+  for a, b in zip(past, full):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
