@@ -103,7 +103,7 @@ def flash_attention_with_kv_cache(
     implementation: None picks the fastest available path; "xla" the
       blockwise pure-JAX path (paged caches gathered in JAX, see
       `jax_flash.decode.paged`); "reference" the plain attention; "cuda"
-      raises while jax_flash has no CUDA kernel for this call.
+      raises while this function has no CUDA path.
 
   Returns:
     A `KVCacheAttention` (out, key_cache, value_cache, cache_seq_lengths,

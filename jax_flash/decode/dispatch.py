@@ -25,7 +25,7 @@ from jax_flash.blockwise import blockwise_attention
 from jax_flash.decode.paged import CacheAttend, over_cache
 from jax_flash.reference import reference_attention
 
-NO_CUDA_KERNEL = "this build has no CUDA kernel for attention against a cache"
+NO_CUDA_KERNEL = "flash_attention_with_kv_cache has no CUDA path yet"
 
 
 def select_cache_attention(implementation: Optional[str]) -> CacheAttend:
