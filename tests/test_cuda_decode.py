@@ -158,3 +158,25 @@ def test_lengths_past_the_capacity_are_clamped():
   for a, b in zip(past, full):
     np.testing.assert_array_equal(np.asarray(a, np.float32),
                                   np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("block_size", [None, 16, 64])
+def test_kv_cache_api_runs_the_kernel(block_size):
+  import jax_flash  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(9)
+  batch, capacity, sq = 3, 512, 2
+  q, k, v = _inputs(9, batch, sq, capacity, 8, 2, 128)
+  new_k, new_v = k[:, :sq], v[:, :sq]
+  lengths = jnp.array([0, 100, capacity - sq], jnp.int32)
+  table = None
+  if block_size is not None:
+    order = rng.permutation(batch * capacity // block_size)
+    table = jnp.asarray(order.reshape(batch, -1), jnp.int32)
+    k, v = _paged(k, block_size, order), _paged(v, block_size, order)
+  run = lambda impl: jax_flash.flash_attention_with_kv_cache(
+      q, k, v, cache_seq_lengths=lengths, block_table=table, new_key=new_k,
+      new_value=new_v, causal=True, return_lse=True, implementation=impl)
+  got, want = run("cuda"), run("xla")
+  np.testing.assert_allclose(np.asarray(got.out, np.float32),
+                             np.asarray(want.out, np.float32), atol=2e-2)
+  np.testing.assert_allclose(got.lse, want.lse, atol=1e-3)

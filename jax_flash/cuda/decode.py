@@ -48,17 +48,33 @@ def built(dtype: jnp.dtype, head_dim: int) -> bool:
                                                      head_dim))
 
 
+def unsupported_reason(q: jax.Array, k_cache: jax.Array,
+                       v_cache: jax.Array) -> Optional[str]:
+  """None when the decoding kernel can serve query `q` against these caches
+  (either layout), else why not. Says nothing of the library or the
+  backend (`jax_flash.cuda.unavailable_reason` does)."""
+  if not enabled():
+    return (f"the split-KV decoding kernel runs only with {ENABLE_ENV_VAR}=1 "
+            "until it has passed the GPU suite")
+  if q.shape[1] > MAX_QUERY_ROWS:
+    return f"a query of {q.shape[1]} tokens (the kernel takes {MAX_QUERY_ROWS})"
+  if not q.shape[3] == k_cache.shape[3] == v_cache.shape[3]:
+    return "value head dim != query head dim"
+  if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    return "query and caches of different dtypes"
+  if not built(q.dtype, q.shape[3]):
+    return (f"no decoding kernel built for {jnp.dtype(q.dtype).name} at head "
+            f"dim {q.shape[3]}")
+  return None
+
+
 def covers(q: jax.Array, k: jax.Array, v: jax.Array,
            mask_names: tuple[str, ...]) -> bool:
-  """Whether a forward call with these local operands runs the decode kernel.
-
-  Short queries (Sq <= MAX_QUERY_ROWS) whose only mask arrays are alibi
-  slopes and key lengths, with D == Dv and the kernel built and enabled.
-  """
-  return (enabled() and q.shape[1] <= MAX_QUERY_ROWS and
-          set(mask_names) <= {"alibi_slopes", "kv_lengths"} and
-          q.shape[3] == k.shape[3] == v.shape[3] and
-          built(q.dtype, q.shape[3]))
+  """Whether a forward call with these local operands runs the decode kernel:
+  `unsupported_reason` finds nothing and the only mask arrays are alibi
+  slopes and key lengths."""
+  return (set(mask_names) <= {"alibi_slopes", "kv_lengths"} and
+          unsupported_reason(q, k, v) is None)
 
 
 def decode_call(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

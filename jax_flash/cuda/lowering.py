@@ -14,7 +14,7 @@ scratch buffer, which only the library knows).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,9 @@ class CustomCall:
       an empty (0,) array when absent.
     results: the results.
     attributes: the attributes.
+    vmap_method: how `jax.ffi.ffi_call` batches a vmapped call; None for
+      calls only made under primitives whose batching rules fold vmapped
+      axes into the batch.
   """
 
   target: str
@@ -49,6 +52,7 @@ class CustomCall:
   optional: tuple[tuple[str, Any], ...]
   results: tuple[str, ...]
   attributes: tuple[str, ...]
+  vmap_method: Optional[str] = None
 
   def __call__(self, results: Sequence[jax.ShapeDtypeStruct],
                operands: Sequence[jax.Array],
@@ -64,7 +68,8 @@ class CustomCall:
           f"optional {sorted(optional)} of {self.optional}, "
           f"{len(results)} results of {self.results}, attributes "
           f"{sorted(attributes)} of {self.attributes}")
-    call = jax.ffi.ffi_call(self.target, tuple(results))
+    call = jax.ffi.ffi_call(self.target, tuple(results),
+                            vmap_method=self.vmap_method)
     return call(*operands,
                 *(optional[name] if name in optional
                   else jnp.zeros((0,), dtype) for name, dtype in self.optional),
@@ -92,7 +97,11 @@ DECODE = CustomCall(
     operands=("q", "k_cache", "v_cache", "seq_lengths"),
     optional=(("block_table", jnp.int32), ("alibi_slopes", jnp.float32)),
     results=("out", "lse", "workspace"),
-    attributes=("softmax_scale", "window_left", "window_right", "softcap"))
+    attributes=("softmax_scale", "window_left", "window_right", "softcap"),
+    # Called directly for paged caches: a vmap over them runs one call per
+    # element (a paged pool is shared by every row, so the rows of several
+    # vmapped calls cannot be folded into one batch).
+    vmap_method="sequential")
 
 
 def given_masks(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:

@@ -100,10 +100,12 @@ def flash_attention_with_kv_cache(
     causal, window_size, softcap, alibi_slopes, softmax_scale: as in
       `jax_flash.flash_attention` (alibi_slopes (H,) or (B, H)).
     return_lse: also return the log-sum-exp.
-    implementation: None picks the fastest available path; "xla" the
-      blockwise pure-JAX path (paged caches gathered in JAX, see
-      `jax_flash.decode.paged`); "reference" the plain attention; "cuda"
-      raises while this function has no CUDA path.
+    implementation: None picks the split-KV CUDA kernel where it serves
+      the call (it reads either cache layout in place; opt-in with
+      JAX_FLASH_DECODE_KERNEL=1 until it has run on a GPU), else the
+      blockwise path; "cuda" the kernel or an error saying why not; "xla"
+      the blockwise pure-JAX path (paged caches gathered in JAX, see
+      `jax_flash.decode.paged`); "reference" the plain attention.
 
   Returns:
     A `KVCacheAttention` (out, key_cache, value_cache, cache_seq_lengths,
@@ -131,7 +133,8 @@ def flash_attention_with_kv_cache(
       query, key_view, value_view, softmax_scale=softmax_scale,
       causal=causal, window_size=window_size, softcap=softcap,
       alibi_slopes=alibi_slopes, kv_seq_lengths=lengths)
-  attend = dispatch.select_cache_attention(implementation)
+  attend = dispatch.select_cache_attention(implementation, query, key_cache,
+                                          value_cache)
   out, lse = attend(query, key_cache, value_cache, checked.block_table,
                     call.config, call.masks)
   return KVCacheAttention(out, key_cache, value_cache, lengths,
