@@ -17,6 +17,10 @@ Environment variables narrow the set (comma-separated):
   JAX_FLASH_DIRECTIONS  "fwd,bwd" (default both)
 An (arch, direction) is built only once csrc/sm<arch>/ has its launch
 template.
+
+`--list` prints the selection as JSON instead of writing it, for a build
+system that declares its outputs in advance (Bazel, build/repositories.bzl);
+`--expect` makes a run fail when it would write other files than declared.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 from typing import Mapping, Optional, Sequence
@@ -204,11 +209,37 @@ def generate(out_dir: pathlib.Path = DEFAULT_OUT,
   return generated
 
 
+def selection_json(env: Mapping[str, str] = os.environ) -> str:
+  """The archs and instantiations `select` picks, as JSON.
+
+  {"archs": [compute capabilities], "kernels": [{"file": name of the .cu
+  file, "arch": its kernel arch}, ...]}.
+  """
+  archs = parse_archs(env.get("JAX_FLASH_CUDA_ARCHS") or DEFAULT_ARCHS)
+  kernels = [{"file": k.filename, "arch": k.arch} for k in select(env)]
+  return json.dumps({"archs": archs, "kernels": kernels})
+
+
 def main() -> None:
-  """Command line: generate into build/generated/ (or --out)."""
+  """Command line: generate into build/generated/ (or --out), or --list."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+  parser.add_argument("--list", action="store_true",
+                      help="print the selection as JSON, write nothing")
+  parser.add_argument("--expect", nargs="+", metavar="FILE",
+                      help="the .cu file names the build declared; fail if "
+                      "the selection differs")
   args = parser.parse_args()
+  if args.list:
+    print(selection_json())
+    return
+  if args.expect is not None:
+    selected = sorted(k.filename for k in select())
+    if selected != sorted(args.expect):
+      raise SystemExit(
+          "generate_kernels.py: the instantiations changed since the build "
+          f"listed them (now {selected}); with Bazel, run "
+          "`bazel sync --configure` (a launch template was added or removed)")
   for _, path in generate(args.out):
     print(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
