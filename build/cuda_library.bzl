@@ -27,16 +27,17 @@ def _quote(word):
     """word as one shell word."""
     return "'" + word.replace("'", "'\\''") + "'"
 
-def _path(label):
-    """A source directory of this repository, as actions see it."""
-    return "/".join([p for p in [Label("//:BUILD.bazel").workspace_root, native.package_name(), label] if p])
+def _source_dir(name):
+    """A folder of this package's sources, as actions see it."""
+    parts = [Label("//:BUILD.bazel").workspace_root, native.package_name(), name]
+    return "/".join([p for p in parts if p])
 
-def _compile(name, source, kernel_arch, srcs, visibility):
-    """A genrule compiling source into <name>.o."""
+def _compile(name, source, kernel_arch, srcs):
+    """A genrule compiling source, with srcs beside it, into <name>.o."""
     command = [PYTHON, "$(location %s)" % _BUILD_CUDA, "compile"]
     command += ["--nvcc", "$(location %s)" % _NVCC]
     command += ["--kernel-arch", str(kernel_arch), "--archs", ARCHS]
-    command += ["--csrc", _path("csrc"), "--generated", "$(RULEDIR)/generated"]
+    command += ["--csrc", _source_dir("csrc"), "--generated", "$(RULEDIR)/generated"]
     for headers in _HEADERS:
         command += ["--system-include", Label(headers).workspace_root + "/include"]
     command += ["$(location %s)" % source, "$@"]
@@ -46,7 +47,6 @@ def _compile(name, source, kernel_arch, srcs, visibility):
         outs = [name + ".o"],
         tools = [_BUILD_CUDA, _SCRIPTS, _NVCC, _TOOLKIT],
         cmd = " ".join(command),
-        visibility = visibility,
     )
     return name + ".o"
 
@@ -79,11 +79,11 @@ def cuda_shared_library(name, out, handlers, headers, visibility = None):
     for handler in handlers:
         stem = handler.split("/")[-1].rsplit(".", 1)[0]
         objects.append(_compile("%s_%s" % (name, stem), handler, HANDLER_ARCH,
-                                headers + [kernel_list], ["//visibility:private"]))
+                                headers + [kernel_list]))
     for kernel, source in zip(KERNELS, generated):
         stem = kernel["file"].rsplit(".", 1)[0]
         objects.append(_compile("%s_%s" % (name, stem), source, kernel["arch"],
-                                headers, ["//visibility:private"]))
+                                headers))
     native.genrule(
         name = name,
         srcs = objects,
