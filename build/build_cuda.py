@@ -233,18 +233,17 @@ def _kernels_wanted() -> str:
 
 def build_from_env(resource_usage: bool = False) -> pathlib.Path:
   """`build` with the archs and job count of the environment variables."""
-  archs = generate_kernels.parse_archs(
-      os.environ.get("JAX_FLASH_CUDA_ARCHS", generate_kernels.DEFAULT_ARCHS))
+  archs = generate_kernels.capabilities()
   jobs = int(os.environ.get("JAX_FLASH_BUILD_JOBS", os.cpu_count() or 1))
   return build(archs, jobs, resource_usage=resource_usage)
 
 
 def config() -> dict:
-  """What the Bazel build takes from here: this Python, HANDLER_ARCH, nvcc
-  and its toolkit directory (None where nvcc is missing) and the
+  """What the Bazel build takes from here: this Python, HANDLER_ARCH, the
+  toolkit directory of find_nvcc() (None where there is no nvcc) and the
   include_dirs()."""
   nvcc = find_nvcc()
-  return {"python": sys.executable, "handler_arch": HANDLER_ARCH, "nvcc": nvcc,
+  return {"python": sys.executable, "handler_arch": HANDLER_ARCH,
           "toolkit": toolkit_root(nvcc) if nvcc else None,
           "include_dirs": include_dirs()}
 

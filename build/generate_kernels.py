@@ -140,17 +140,21 @@ def _parse_list(value: Optional[str], allowed: tuple, name: str) -> list:
   return [item for item in allowed if item in parsed]
 
 
+def capabilities(env: Mapping[str, str] = os.environ) -> list[int]:
+  """The compute capabilities JAX_FLASH_CUDA_ARCHS lists (or the default)."""
+  return parse_archs(env.get("JAX_FLASH_CUDA_ARCHS") or DEFAULT_ARCHS)
+
+
 def select(env: Mapping[str, str] = os.environ,
            csrc: pathlib.Path = CSRC) -> list[Instantiation]:
   """The instantiations to build under the JAX_FLASH_* variables."""
-  capabilities = parse_archs(env.get("JAX_FLASH_CUDA_ARCHS") or DEFAULT_ARCHS)
   head_dims = _parse_list(env.get("JAX_FLASH_HEAD_DIMS"), HEAD_DIMS,
                           "JAX_FLASH_HEAD_DIMS")
   dtypes = _parse_list(env.get("JAX_FLASH_DTYPES"), tuple(DTYPES),
                        "JAX_FLASH_DTYPES")
   directions = _parse_list(env.get("JAX_FLASH_DIRECTIONS"), tuple(DIRECTIONS),
                            "JAX_FLASH_DIRECTIONS")
-  return [Instantiation(a, d, t, h) for a in kernel_archs(capabilities)
+  return [Instantiation(a, d, t, h) for a in kernel_archs(capabilities(env))
           for d in directions if launch_template(csrc, a, d).exists()
           for t in dtypes for h in head_dims]
 
@@ -215,9 +219,8 @@ def selection_json(env: Mapping[str, str] = os.environ) -> str:
   {"archs": [compute capabilities], "kernels": [{"file": name of the .cu
   file, "arch": its kernel arch}, ...]}.
   """
-  archs = parse_archs(env.get("JAX_FLASH_CUDA_ARCHS") or DEFAULT_ARCHS)
   kernels = [{"file": k.filename, "arch": k.arch} for k in select(env)]
-  return json.dumps({"archs": archs, "kernels": kernels})
+  return json.dumps({"archs": capabilities(env), "kernels": kernels})
 
 
 def main() -> None:

@@ -194,8 +194,7 @@ def _relative(paths) -> list[str]:
 def test_every_instantiation_compiles_for_its_arch(build):
   env, package = build
   compiles = package.compiles()
-  archs = ",".join(map(str, generator.parse_archs(
-      env.get("JAX_FLASH_CUDA_ARCHS") or generator.DEFAULT_ARCHS)))
+  archs = ",".join(map(str, generator.capabilities(env)))
   for kernel in generator.select(env):
     rule = compiles[f"generated/{kernel.filename}"]
     assert f"--kernel-arch {kernel.arch} --archs {archs} " in rule["cmd"]
