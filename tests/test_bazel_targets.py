@@ -78,7 +78,9 @@ class RepositoryContext:
   """repository_ctx, enough for the repository rule of the kernel list."""
 
   def __init__(self, env: Mapping[str, str]):
-    self.os = types.SimpleNamespace(environ=dict(env))
+    # The scripts run with this Python, which has jax.
+    env = {"PYTHON_BIN_PATH": sys.executable, **env}
+    self.os = types.SimpleNamespace(environ=env)
     self.files: dict[str, str] = {}
     self._env = {k: v for k, v in os.environ.items() if k not in NARROWING}
     self._env.update(env)
