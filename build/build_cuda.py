@@ -14,12 +14,17 @@ Environment:
                         narrow the instantiations (build/generate_kernels.py)
   JAX_FLASH_BUILD_JOBS  parallel compiles, default the CPU count
   NVCC                  the compiler, default `nvcc` on PATH (or CUDA_HOME)
+
+The Bazel build (BUILD.bazel) runs the same steps one at a time through the
+subcommands `config` (what the WORKSPACE's local repositories point at),
+`compile` (one source) and `link`.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import pathlib
 import shutil
@@ -38,6 +43,8 @@ CSRC = generate_kernels.CSRC
 GENERATED = generate_kernels.DEFAULT_OUT
 OBJ_DIR = REPO / "build" / "out" / "obj"
 LIBRARY = REPO / "jax_flash" / "_lib" / "libjax_flash_cuda.so"
+HANDLER_ARCH = 80
+"""The FFI handlers compile like the sm80 sources: for every listed arch."""
 
 
 def find_nvcc() -> Optional[str]:
@@ -54,27 +61,59 @@ def find_nvcc() -> Optional[str]:
   return None
 
 
-def include_dirs() -> list[str]:
-  """XLA FFI headers (jax.ffi.include_dir()) and CUTLASS/CuTe headers."""
+def toolkit_root(nvcc: str) -> str:
+  """The CUDA toolkit directory nvcc runs from (a wrapper script on PATH
+  may hide it): the parent of the `_HERE_` that `nvcc -dryrun` reports."""
+  result = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull,
+                           "-o", os.devnull], capture_output=True, text=True,
+                          check=True)
+  for line in (result.stdout + result.stderr).splitlines():
+    if line.startswith("#$ _HERE_="):
+      return str(pathlib.Path(line.split("=", 1)[1]).resolve().parent)
+  raise RuntimeError(f"{nvcc} -dryrun did not say where it runs from")
+
+
+def include_dirs() -> dict[str, str]:
+  """Header directories of pip packages, by name: "xla_ffi" (the XLA FFI
+  headers, jax.ffi.include_dir()) and, where nvidia-cutlass is installed,
+  "cutlass" (CUTLASS/CuTe)."""
   import jax.ffi  # pylint: disable=import-outside-toplevel
-  dirs = [jax.ffi.include_dir()]
+  dirs = {"xla_ffi": jax.ffi.include_dir()}
   try:
     import cutlass_library  # pylint: disable=import-outside-toplevel
     cutlass = (pathlib.Path(cutlass_library.__file__).parent / "source" /
                "include")
     if cutlass.exists():
-      dirs.append(str(cutlass))
+      dirs["cutlass"] = str(cutlass)
   except ImportError:
     pass
   return dirs
 
 
-def compile_flags(archs: Sequence[int]) -> list[str]:
-  """nvcc flags shared by every translation unit (arch_flags adds -gencode)."""
+def handler_sources(csrc: pathlib.Path = CSRC) -> list[pathlib.Path]:
+  """The FFI handlers, csrc/ffi/*.cu: every source not generated."""
+  return sorted((csrc / "ffi").glob("*.cu"))
+
+
+def headers(csrc: pathlib.Path = CSRC) -> list[pathlib.Path]:
+  """Every header of csrc/."""
+  return sorted(csrc.rglob("*.h"))
+
+
+def compile_flags(archs: Sequence[int], csrc: pathlib.Path = CSRC,
+                  generated: pathlib.Path = GENERATED,
+                  system_dirs: Optional[Sequence[str]] = None) -> list[str]:
+  """nvcc flags shared by every translation unit (arch_flags adds -gencode).
+
+  system_dirs are the pip packages' header directories, by default
+  include_dirs().
+  """
+  if system_dirs is None:
+    system_dirs = list(include_dirs().values())
   flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-           "-Xcompiler", "-fPIC", "-I", str(CSRC), "-I", str(GENERATED),
+           "-Xcompiler", "-fPIC", "-I", str(csrc), "-I", str(generated),
            f"-DJAX_FLASH_CUDA_ARCHS=\"{','.join(map(str, archs))}\""]
-  for d in include_dirs():
+  for d in system_dirs:
     flags += ["-isystem", d]
   return flags
 
@@ -92,6 +131,21 @@ def arch_flags(kernel_arch: int, archs: Sequence[int]) -> list[str]:
   flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
   flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
   return flags
+
+
+def compile_command(nvcc: str, flags: Sequence[str], kernel_arch: int,
+                    archs: Sequence[int], source: pathlib.Path,
+                    obj: pathlib.Path) -> list[str]:
+  """The nvcc command compiling one source written for kernel_arch."""
+  return [nvcc, *flags, *arch_flags(kernel_arch, archs), "-c", str(source),
+          "-o", str(obj)]
+
+
+def link_command(nvcc: str, objects: Sequence[pathlib.Path],
+                 library: pathlib.Path) -> list[str]:
+  """The nvcc command linking the shared library, CUDA runtime static."""
+  return [nvcc, "-shared", "-cudart", "static", *map(str, objects), "-o",
+          str(library)]
 
 
 def _stale(obj: pathlib.Path, source: pathlib.Path,
@@ -112,12 +166,12 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   generated = generate_kernels.generate(
       GENERATED, env={**os.environ,
                       "JAX_FLASH_CUDA_ARCHS": ",".join(map(str, archs))})
-  handlers = sorted((CSRC / "ffi").glob("*.cu"))
+  handlers = handler_sources()
   sources = handlers + [path for _, path in generated]
   # Each source compiles for the arch its kernels are written for.
-  source_arch = {**{h: 80 for h in handlers},
+  source_arch = {**{h: HANDLER_ARCH for h in handlers},
                  **{path: k.arch for k, path in generated}}
-  headers = sorted(CSRC.rglob("*.h")) + [GENERATED / "kernel_list.h"]
+  inputs = headers() + [GENERATED / "kernel_list.h"]
   flags = compile_flags(archs)
   if resource_usage:
     flags.append("--resource-usage")
@@ -131,14 +185,14 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
     stamp.write_text(stamp_text)
   objects = [OBJ_DIR / (s.stem + ".o") for s in sources]
   todo = [(s, o) for s, o in zip(sources, objects)
-          if resource_usage or _stale(o, s, headers, stamp)]
+          if resource_usage or _stale(o, s, inputs, stamp)]
 
   lock = threading.Lock()
   done = [0]
 
   def compile_one(source: pathlib.Path, obj: pathlib.Path) -> None:
-    cmd = [nvcc, *flags, *arch_flags(source_arch[source], archs), "-c",
-           str(source), "-o", str(obj)]
+    cmd = compile_command(nvcc, flags, source_arch[source], archs, source,
+                          obj)
     result = subprocess.run(cmd, capture_output=True, text=True)
     with lock:
       done[0] += 1
@@ -160,8 +214,7 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   library.parent.mkdir(parents=True, exist_ok=True)
   if todo or not library.exists() or any(
       o.stat().st_mtime > library.stat().st_mtime for o in objects):
-    link = [nvcc, "-shared", "-cudart", "static", *[str(o) for o in objects],
-            "-o", str(library)]
+    link = link_command(nvcc, objects, library)
     console.say(f"linking {library.relative_to(REPO)}")
     subprocess.run(link, check=True)
   console.say(f"jax_flash: built {library.relative_to(REPO)} "
@@ -180,20 +233,62 @@ def _kernels_wanted() -> str:
 
 def build_from_env(resource_usage: bool = False) -> pathlib.Path:
   """`build` with the archs and job count of the environment variables."""
-  archs = generate_kernels.parse_archs(
-      os.environ.get("JAX_FLASH_CUDA_ARCHS", generate_kernels.DEFAULT_ARCHS))
+  archs = generate_kernels.capabilities()
   jobs = int(os.environ.get("JAX_FLASH_BUILD_JOBS", os.cpu_count() or 1))
   return build(archs, jobs, resource_usage=resource_usage)
 
 
+def config() -> dict:
+  """What the Bazel build takes from here: this Python, HANDLER_ARCH, the
+  toolkit directory of find_nvcc() (None where there is no nvcc) and the
+  include_dirs()."""
+  nvcc = find_nvcc()
+  return {"python": sys.executable, "handler_arch": HANDLER_ARCH,
+          "toolkit": toolkit_root(nvcc) if nvcc else None,
+          "include_dirs": include_dirs()}
+
+
 def main() -> None:
-  """Command line entry point."""
+  """Command line: build the library, or run one step of the Bazel build."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--resource-usage", action="store_true",
                       help="recompile everything and print ptxas register "
                       "and spill counts")
+  steps = parser.add_subparsers(
+      dest="step", help="one step of the Bazel build (BUILD.bazel); without "
+      "one, the whole build runs")
+  steps.add_parser("config", help="print config() as JSON")
+  compile_step = steps.add_parser("compile", help="compile one source")
+  compile_step.add_argument("--nvcc", required=True)
+  compile_step.add_argument("--kernel-arch", type=int, required=True,
+                            help="the arch the source is written for")
+  compile_step.add_argument("--archs", required=True,
+                            help="JAX_FLASH_CUDA_ARCHS, e.g. 80,90")
+  compile_step.add_argument("--csrc", type=pathlib.Path, required=True)
+  compile_step.add_argument("--generated", type=pathlib.Path, required=True)
+  compile_step.add_argument("--system-include", action="append", default=[],
+                            help="a pip package's header directory")
+  compile_step.add_argument("source", type=pathlib.Path)
+  compile_step.add_argument("object", type=pathlib.Path)
+  link_step = steps.add_parser("link", help="link the shared library")
+  link_step.add_argument("--nvcc", required=True)
+  link_step.add_argument("--output", type=pathlib.Path, required=True)
+  link_step.add_argument("objects", type=pathlib.Path, nargs="+")
   args = parser.parse_args()
-  build_from_env(resource_usage=args.resource_usage)
+  if args.step == "config":
+    print(json.dumps(config()))
+  elif args.step == "compile":
+    archs = generate_kernels.parse_archs(args.archs)
+    flags = compile_flags(archs, args.csrc, args.generated,
+                          args.system_include)
+    sys.exit(subprocess.run(compile_command(
+        args.nvcc, flags, args.kernel_arch, archs, args.source,
+        args.object)).returncode)
+  elif args.step == "link":
+    sys.exit(subprocess.run(
+        link_command(args.nvcc, args.objects, args.output)).returncode)
+  else:
+    build_from_env(resource_usage=args.resource_usage)
 
 
 if __name__ == "__main__":

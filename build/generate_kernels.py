@@ -17,6 +17,10 @@ Environment variables narrow the set (comma-separated):
   JAX_FLASH_DIRECTIONS  "fwd,bwd,decode" (default all)
 An (arch, direction) is built only once csrc/sm<arch>/ has its launch
 template.
+
+`--list` prints the selection as JSON instead of writing it, for a build
+system that declares its outputs in advance (Bazel, build/repositories.bzl);
+`--expect` makes a run fail when it would write other files than declared.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 from typing import Mapping, Optional, Sequence
@@ -137,10 +142,14 @@ def _parse_list(value: Optional[str], allowed: tuple, name: str) -> list:
   return [item for item in allowed if item in parsed]
 
 
+def capabilities(env: Mapping[str, str] = os.environ) -> list[int]:
+  """The compute capabilities JAX_FLASH_CUDA_ARCHS lists (or the default)."""
+  return parse_archs(env.get("JAX_FLASH_CUDA_ARCHS") or DEFAULT_ARCHS)
+
+
 def select(env: Mapping[str, str] = os.environ,
            csrc: pathlib.Path = CSRC) -> list[Instantiation]:
   """The instantiations to build under the JAX_FLASH_* variables."""
-  capabilities = parse_archs(env.get("JAX_FLASH_CUDA_ARCHS") or DEFAULT_ARCHS)
   head_dims = _parse_list(env.get("JAX_FLASH_HEAD_DIMS"), HEAD_DIMS,
                           "JAX_FLASH_HEAD_DIMS")
   dtypes = _parse_list(env.get("JAX_FLASH_DTYPES"), tuple(DTYPES),
@@ -148,7 +157,7 @@ def select(env: Mapping[str, str] = os.environ,
   directions = _parse_list(env.get("JAX_FLASH_DIRECTIONS"), tuple(DIRECTIONS),
                            "JAX_FLASH_DIRECTIONS")
   direction_dims = _INSTANTIATIONS.DIRECTION_HEAD_DIMS
-  return [Instantiation(a, d, t, h) for a in kernel_archs(capabilities)
+  return [Instantiation(a, d, t, h) for a in kernel_archs(capabilities(env))
           for d in directions if launch_template(csrc, a, d).exists()
           for t in dtypes for h in head_dims
           if h in direction_dims.get(d, HEAD_DIMS)]
@@ -209,11 +218,36 @@ def generate(out_dir: pathlib.Path = DEFAULT_OUT,
   return generated
 
 
+def selection_json(env: Mapping[str, str] = os.environ) -> str:
+  """The archs and instantiations `select` picks, as JSON.
+
+  {"archs": [compute capabilities], "kernels": [{"file": name of the .cu
+  file, "arch": its kernel arch}, ...]}.
+  """
+  kernels = [{"file": k.filename, "arch": k.arch} for k in select(env)]
+  return json.dumps({"archs": capabilities(env), "kernels": kernels})
+
+
 def main() -> None:
-  """Command line: generate into build/generated/ (or --out)."""
+  """Command line: generate into build/generated/ (or --out), or --list."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+  parser.add_argument("--list", action="store_true",
+                      help="print the selection as JSON, write nothing")
+  parser.add_argument("--expect", nargs="+", metavar="FILE",
+                      help="the .cu file names the build declared; fail if "
+                      "the selection differs")
   args = parser.parse_args()
+  if args.list:
+    print(selection_json())
+    return
+  if args.expect is not None:
+    selected = sorted(k.filename for k in select())
+    if selected != sorted(args.expect):
+      raise SystemExit(
+          "generate_kernels.py: the instantiations changed since the build "
+          f"listed them (now {selected}); with Bazel, run "
+          "`bazel sync --configure` (a launch template was added or removed)")
   for _, path in generate(args.out):
     print(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
