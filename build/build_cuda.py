@@ -157,6 +157,11 @@ def _stale(obj: pathlib.Path, source: pathlib.Path,
   return obj.stat().st_mtime < newest
 
 
+def _shown(path: pathlib.Path) -> pathlib.Path:
+  """`path` relative to the repository when it lies inside it."""
+  return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
           library: pathlib.Path = LIBRARY) -> pathlib.Path:
   """Generates, compiles and links; returns the library path."""
@@ -215,9 +220,9 @@ def build(archs: Sequence[int], jobs: int, resource_usage: bool = False,
   if todo or not library.exists() or any(
       o.stat().st_mtime > library.stat().st_mtime for o in objects):
     link = link_command(nvcc, objects, library)
-    console.say(f"linking {library.relative_to(REPO)}")
+    console.say(f"linking {_shown(library)}")
     subprocess.run(link, check=True)
-  console.say(f"jax_flash: built {library.relative_to(REPO)} "
+  console.say(f"jax_flash: built {_shown(library)} "
               f"({library.stat().st_size / 2**20:.1f} MiB) in "
               f"{time.monotonic() - started:.0f} s")
   return library
