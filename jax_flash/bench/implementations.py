@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import sys
+import types
 from typing import Any, Callable, Optional
 
 from jax_flash.bench.cases import Case
@@ -117,13 +119,50 @@ def _jax_flash_kv_cache(implementation: str) -> Callable[[Case], Attend]:
   return build
 
 
-def _flash_attn3_kv_cache(case: Case) -> Attend:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+def _import_flash_attn3() -> Any:
+  """flash_attn3_jax (FlashAttention-3's kernels in JAX), importable on the
+  JAX versions we support."""
   core = importlib.import_module("jax.core")
   if not hasattr(core, "ShapedArray"):
     # The wheel imports jax.core.ShapedArray, no longer public in new JAX.
     core.ShapedArray = importlib.import_module("jax._src.core").ShapedArray
-  module = importlib.import_module("flash_attn3_jax")
+  return importlib.import_module("flash_attn3_jax")
+
+
+def _flash_attn3(case: Case) -> Attend:
+  module = _import_flash_attn3()
+  def attend(q, k, v):
+    return module.flash_mha(q, k, v, softmax_scale=case.softmax_scale,
+                            is_causal=case.causal)
+  return attend
+
+
+def _import_tokamax() -> Any:
+  """tokamax; it imports xprof at load time for its own benchmarking, which
+  its attention does not use: a stand-in module serves where xprof is not
+  installed."""
+  try:
+    importlib.import_module("xprof.cli.tools")
+  except ImportError:
+    for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
+      sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
+  return importlib.import_module("tokamax")
+
+
+def _tokamax(implementation: str) -> Callable[[Case], Attend]:
+  def build(case: Case) -> Attend:
+    module = _import_tokamax()
+    def attend(q, k, v):
+      return module.dot_product_attention(q, k, v, is_causal=case.causal,
+                                          implementation=implementation)
+    return attend
+  return build
+
+
+def _flash_attn3_kv_cache(case: Case) -> Attend:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  module = _import_flash_attn3()
   table = jnp.asarray(page_table(case)) if case.page_size else None
   lengths = jnp.full((case.batch,), case.kv_len, jnp.int32)
   splits = max(1, -(-SPLIT_KV_TARGET_CTAS // (case.batch * case.kv_heads)))
@@ -236,6 +275,14 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("pallas_mosaic", "Pallas Mosaic fp16", "jax", False,
                    _pallas_mosaic, dtype="float16", applies_scale=False,
                    skip_reason=_pallas_mosaic_skip),
+    # These three are skipped with a note where flash_attn3_jax or tokamax
+    # is not installed (docs/performance.md says how to install them).
+    Implementation("fa3_jax", "flash-attn3-jax", "jax", False, _flash_attn3),
+    # tokamax applies 1/sqrt(D), the scale of every case.
+    Implementation("tokamax_mosaic", "tokamax mosaic", "jax", False,
+                   _tokamax("mosaic")),
+    Implementation("tokamax_triton", "tokamax triton", "jax", False,
+                   _tokamax("triton")),
     # Skipped with a note when flash_attn3_jax is not installed.
     Implementation("fa3_kvcache", "flash-attn3-jax KV cache", "jax", False,
                    _flash_attn3_kv_cache, paged=True,
