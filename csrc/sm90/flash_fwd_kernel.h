@@ -10,8 +10,12 @@
 //   consumers (warpgroups 1 and 2): 64 query rows each; per K/V tile
 //     S = Q K^T (wgmma, both operands in shared memory), logits and masks,
 //     online softmax in registers, then O += P V with P converted in
-//     registers as wgmma's A operand and V read from shared memory. The two
-//     warpgroups' GEMMs and softmaxes interleave on the SM's tensor cores.
+//     registers as wgmma's A operand and V read from shared memory.
+//     Inside a warpgroup the softmax of one tile runs while the tensor cores
+//     compute the next tile's S and the previous tile's P V; across the two
+//     warpgroups, named barriers take turns on the tensor cores so that one
+//     warpgroup's softmax overlaps the other's GEMMs (FlashAttention-3's
+//     intra-warpgroup pipelining and ping-pong scheduling, arXiv 2407.08608).
 // The epilogue divides O by the row sums and writes O and lse from
 // registers.
 // Masks and score modifiers are those of mask.h (docs/ffi_contract.md),
@@ -44,13 +48,17 @@ struct FwdKernelParams {
   typename Traits::TmaKV tma_v;
 };
 
-// c (+)= a * b over every k step on one warpgroup, waited for. kZeroInit
-// starts from c = 0; kRegisterA: a is a register fragment (else a shared
-// memory descriptor, like b).
+// Issues c (+)= a * b over every k step on one warpgroup as one wgmma
+// batch and returns without waiting: the caller waits with
+// cute::warpgroup_wait<N>() (batches complete in issue order) before it
+// reads c or overwrites a. kZeroInit starts from c = 0; kRegisterA: a is a
+// register fragment (else a shared memory descriptor, like b).
 template <bool kZeroInit, bool kRegisterA, class Mma, class TensorA,
           class TensorB, class TensorC>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, TensorA const& a,
-                                               TensorB const& b, TensorC& c) {
+__device__ __forceinline__ void warpgroup_gemm_issue(Mma& mma,
+                                                     TensorA const& a,
+                                                     TensorB const& b,
+                                                     TensorC& c) {
   if constexpr (kRegisterA) {
     cute::warpgroup_fence_operand(const_cast<TensorA&>(a));
   }
@@ -63,12 +71,43 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, TensorA const& a,
     mma.accumulate_ = cute::GMMA::ScaleOut::One;
   }
   cute::warpgroup_commit_batch();
-  cute::warpgroup_wait<0>();
   cute::warpgroup_fence_operand(c);
   if constexpr (kRegisterA) {
     cute::warpgroup_fence_operand(const_cast<TensorA&>(a));
   }
 }
+
+// Turn-taking of the two consumer warpgroups on the tensor cores
+// ("ping-pong"): a warpgroup issues its GEMMs only in its turn and hands the
+// turn over once they are issued, so that one warpgroup's softmax runs while
+// the other's GEMMs occupy the tensor cores. Two named barriers, one per
+// warpgroup, each completed by 128 threads waiting and 128 arriving.
+template <bool kEnabled>
+struct TensorCoreTurns {
+  static constexpr uint32_t kThreads = 256;
+  int warpgroup;  // consumer warpgroup, 0 or 1
+
+  // Warpgroup 0 takes the first turn.
+  __device__ __forceinline__ void start() const {
+    if constexpr (kEnabled) {
+      if (warpgroup == 1) cutlass::arch::NamedBarrier::arrive(kThreads, 0);
+    }
+  }
+  __device__ __forceinline__ void wait_turn() const {
+    if constexpr (kEnabled) {
+      cutlass::arch::NamedBarrier::sync(kThreads, warpgroup);
+    }
+  }
+  // `last`: this warpgroup takes no further turn. Warpgroup 1 then does not
+  // hand over, which leaves both barriers with as many arrivals as waits.
+  __device__ __forceinline__ void pass_turn(bool last = false) const {
+    if constexpr (kEnabled) {
+      if (!(last && warpgroup == 1)) {
+        cutlass::arch::NamedBarrier::arrive(kThreads, 1 - warpgroup);
+      }
+    }
+  }
+};
 
 // Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h): the
 // tile sees no key.
@@ -229,20 +268,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   const int full_lo = max(n_lo, ceil_div(free_lo, kBlockN));
   const int full_hi = min(n_hi, free_hi / kBlockN - 1);
 
-  smem.q_full.wait(0);
-  typename Pipeline::PipelineState read;
-  for (int n = n_hi; n >= n_lo; --n) {
+  // Logits, then (kMasked: a tile that crosses a mask boundary) the mask.
+  // The mask is a compile-time choice so that the loop over tiles wholly
+  // inside the visible range carries none of its code or registers.
+  auto mask_and_modify = [&](auto& s_rc, int n, auto masked_c)
+      __attribute__((always_inline)) {
+    constexpr bool kMasked = decltype(masked_c)::value;
     const int n0 = n * kBlockN;
-    Tensor tSrS =
-        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    // S = Q K^T
-    pipeline_k.consumer_wait(read);
-    warpgroup_gemm<true, false>(mma_s, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-    pipeline_k.consumer_release(read);
-
-    // Logits, then the mask on tiles that cross a mask boundary.
-    Tensor s_rc = make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
-    const bool masked = n < full_lo || n > full_hi;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int i = m0 + get<0>(coords_rc(r, 0));
@@ -251,26 +283,103 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       for (int c = 0; c < size<1>(s_rc); ++c) {
         const int j = n0 + get<1>(coords_rc(r, c));
         if constexpr (kScoreMod) s_rc(r, c) = score_mod(s_rc(r, c), i, j);
-        if (masked) {
+        if constexpr (kMasked) {
           const int kv_segment = mask.has_segments()
               ? mask.kv_segment_ids[min(j, p.seqlen_k - 1)] : 0;
           if (!row.sees(j, kv_segment)) s_rc(r, c) = -INFINITY;
         }
       }
     }
-    softmax.update(s_rc, o_rc, scale_log2);
+  };
+  using Masked = cute::true_type;
+  using Unmasked = cute::false_type;
 
-    // O += P V, P in registers as the A operand.
-    Tensor rP = make_tensor<Element>(tSrS.layout());
+  // Software pipeline over the K/V tiles, from the last one down (tile n
+  // follows tile n + 1): while the softmax of S(n) runs on the CUDA cores,
+  // the tensor cores compute O += P(n + 1) V(n + 1). Per step:
+  //   issue S(n) = Q K(n)^T, then O += P(n + 1) V(n + 1);
+  //   wait for S(n); softmax of S(n) (overlapping the P V product);
+  //   wait for O; rescale O by the max's growth; P(n) = bf16(S(n)).
+  const TensorCoreTurns<Traits::kPingPong> turns{warpgroup - 1};
+  turns.start();
+  float rescale[kRows];
+  Tensor rP = make_tensor<Element>(
+      partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{})
+          .layout());
+  Tensor tOrP = make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
+  auto convert_p = [&](auto const& tSrS) __attribute__((always_inline)) {
 #pragma unroll
     for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<Element>(tSrS(e));
-    Tensor tOrP =
-        make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
-    pipeline_v.consumer_wait(read);
-    warpgroup_gemm<false, true>(mma_o, tOrP, tOrV(_, _, _, read.index()), tOrO);
-    pipeline_v.consumer_release(read);
-    ++read;
+  };
+
+  smem.q_full.wait(0);
+  typename Pipeline::PipelineState read;  // K tile of this step
+  {
+    Tensor tSrS =
+        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    pipeline_k.consumer_wait(read);
+    turns.wait_turn();
+    warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
+                                      tSrK(_, _, _, read.index()), tSrS);
+    turns.pass_turn();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    pipeline_k.consumer_release(read);
+    Tensor s_rc =
+        make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
+    if (n_hi < full_lo || n_hi > full_hi) {
+      mask_and_modify(s_rc, n_hi, Masked{});
+    } else {
+      mask_and_modify(s_rc, n_hi, Unmasked{});
+    }
+    softmax.update(s_rc, scale_log2, rescale);  // O is 0: no rescale
+    convert_p(tSrS);
   }
+  typename Pipeline::PipelineState read_v = read;  // V tile of P in hand
+  ++read;
+  // Always inlined: a call would move the register state to the stack.
+  auto step = [&](int n, auto masked_c) __attribute__((always_inline)) {
+    Tensor tSrS =
+        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    pipeline_k.consumer_wait(read);
+    pipeline_v.consumer_wait(read_v);
+    turns.wait_turn();
+    warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
+                                      tSrK(_, _, _, read.index()), tSrS);
+    warpgroup_gemm_issue<false, true>(mma_o, tOrP,
+                                      tOrV(_, _, _, read_v.index()), tOrO);
+    turns.pass_turn();
+    warpgroup_wait<1>();  // S(n) is in
+    warpgroup_fence_operand(tSrS);
+    pipeline_k.consumer_release(read);
+    Tensor s_rc =
+        make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
+    mask_and_modify(s_rc, n, masked_c);
+    softmax.update(s_rc, scale_log2, rescale);
+    warpgroup_fence_operand(tSrS);
+    warpgroup_wait<0>();  // O += P(n + 1) V(n + 1) is in
+    warpgroup_fence_operand(tOrO);
+    pipeline_v.consumer_release(read_v);
+    RowSoftmax<kRows>::rescale_rows(o_rc, rescale);
+    convert_p(tSrS);
+    read_v = read;
+    ++read;
+  };
+  // Tiles above the visible range's last whole tile (the causal diagonal),
+  // then the whole tiles, then those below (a window's left edge).
+  int n = n_hi - 1;
+  for (; n >= n_lo && n > full_hi; --n) step(n, Masked{});
+  for (; n >= n_lo && n >= full_lo; --n) step(n, Unmasked{});
+  for (; n >= n_lo; --n) step(n, Masked{});
+  // O += P(n_lo) V(n_lo)
+  pipeline_v.consumer_wait(read_v);
+  turns.wait_turn();
+  warpgroup_gemm_issue<false, true>(mma_o, tOrP,
+                                    tOrV(_, _, _, read_v.index()), tOrO);
+  turns.pass_turn(/*last=*/true);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
+  pipeline_v.consumer_release(read_v);
 
   // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
   float inv_sum[kRows];

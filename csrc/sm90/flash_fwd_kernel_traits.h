@@ -30,6 +30,7 @@ struct FwdKernelTraits {
   static constexpr int kBlockM = fwd_block_m(kHeadDim);
   static constexpr int kBlockN = fwd_block_n(kHeadDim);
   static constexpr int kStages = fwd_stages(kHeadDim);
+  static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
   static constexpr int kConsumerWarpgroups = kFwdConsumerWarpgroups;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * 128;
   static constexpr int kThreads = kFwdThreads;

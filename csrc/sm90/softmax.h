@@ -53,11 +53,13 @@ struct RowSoftmax {
   }
 
   // Folds the score tile `s` (rows x cols view) in: s becomes the
-  // unnormalized probabilities exp2(s * scale_log2 - max * scale_log2) and
-  // the output rows `o` (rows x cols view) are rescaled where the max grew.
-  template <class TensorS, class TensorO>
-  __device__ __forceinline__ void update(TensorS& s, TensorO& o,
-                                         float scale_log2) {
+  // unnormalized probabilities exp2(s * scale_log2 - max * scale_log2), and
+  // `rescale` gets the factor by which each row of the output accumulated so
+  // far must be multiplied (1 where the max did not grow). The output itself
+  // is left alone: its next P V product may still be in flight.
+  template <class TensorS>
+  __device__ __forceinline__ void update(TensorS& s, float scale_log2,
+                                         float (&rescale)[kRows]) {
     static_assert(decltype(cute::size<0>(s))::value == kRows, "row count");
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -65,9 +67,9 @@ struct RowSoftmax {
 #pragma unroll
       for (int c = 0; c < cute::size<1>(s); ++c) m = fmaxf(m, s(r, c));
       m = quad_max(m);
-      float rescale = 1.f;
+      rescale[r] = 1.f;
       if (m > row_max[r]) {
-        rescale = exp2_approx((row_max[r] - m) * scale_log2);
+        rescale[r] = exp2_approx((row_max[r] - m) * scale_log2);
         row_max[r] = m;
       }
       // Nothing visible yet: max -inf; subtract 0 so exp2 gives 0, not NaN.
@@ -80,9 +82,19 @@ struct RowSoftmax {
         s(r, c) = p;
         sum += p;
       }
-      row_sum[r] = fmaf(row_sum[r], rescale, sum);
+      row_sum[r] = fmaf(row_sum[r], rescale[r], sum);
+    }
+  }
+
+  // Multiplies each row of the output accumulator `o` (rows x cols view) by
+  // its factor from update().
+  template <class TensorO>
+  __device__ __forceinline__ static void rescale_rows(
+      TensorO& o, const float (&rescale)[kRows]) {
 #pragma unroll
-      for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= rescale;
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < cute::size<1>(o); ++c) o(r, c) *= rescale[r];
     }
   }
 

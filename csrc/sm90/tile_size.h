@@ -22,6 +22,12 @@ constexpr int fwd_block_n(int head_dim) {
 // GEMMs of tile n.
 constexpr int fwd_stages(int /*head_dim*/) { return 2; }
 
+// Ping-pong of the two consumer warpgroups (one's softmax under the
+// other's GEMMs): worth it where the softmax is a large share of a step,
+// i.e. up to D = 128; at D = 256 the GEMMs dominate and turn-taking would
+// only idle the tensor cores (FlashAttention-3 makes the same choice).
+constexpr bool fwd_ping_pong(int head_dim) { return head_dim <= 128; }
+
 // Warpgroups: one producer (one thread issues every TMA) and two consumers.
 constexpr int kFwdConsumerWarpgroups = 2;
 constexpr int kFwdThreads = (kFwdConsumerWarpgroups + 1) * 128;
