@@ -2,7 +2,7 @@
 
 Skipped unless the library is built with the decoding kernel and the default
 backend is a CUDA GPU. Through `jax_flash.cuda.attention` the forward of a
-short query runs the decoding kernel (JAX_FLASH_DECODE_KERNEL=1) and the
+short query runs the decoding kernel (on unless JAX_FLASH_DECODE_KERNEL=0) and the
 backward the training kernel, so FlashAttention's rule holds for out, lse
 and every gradient (numerics.py). The paged cache is checked through
 `decode.decode_call` against the contiguous one, bit for bit.

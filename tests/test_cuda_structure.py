@@ -286,14 +286,20 @@ def test_sm80_kernel_on_sm90_is_logged_once_with_its_reason(monkeypatch,
                      "fwd kernel is built for bf16 at head dim 64"]
 
 
-def test_sm90_kernels_not_yet_verified_run_only_when_asked(monkeypatch,
-                                                          caplog):
+def test_sm90_forward_runs_by_default_on_sm90(monkeypatch):
   _with_build(monkeypatch, SM90_FWD_128)
   _on_gpu(monkeypatch, "9.0")
+  assert library.DEFAULT_SM90_DIRECTIONS == frozenset({"fwd"})
+  assert library.kernel_arch("fwd", "bf16", 128) == 90
+
+
+def test_opt_in_sm90_kernels_run_only_when_asked(monkeypatch, caplog):
+  _with_build(monkeypatch, SM90_FWD_128)
+  _on_gpu(monkeypatch, "9.0")
+  monkeypatch.setattr(library, "DEFAULT_SM90_DIRECTIONS", frozenset())
   monkeypatch.setattr(library, "_logged_arch_choices", set())
-  assert library.DEFAULT_SM90_DIRECTIONS == frozenset()
   assert library.kernel_arch("fwd", "bf16", 128) == 80
-  assert "not yet been verified" in caplog.records[-1].getMessage()
+  assert "still opt-in" in caplog.records[-1].getMessage()
   monkeypatch.setenv(library.FORCE_ARCH_ENV_VAR, "sm90")
   assert library.kernel_arch("fwd", "bf16", 128) == 90
 

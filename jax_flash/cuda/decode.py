@@ -11,8 +11,9 @@ csrc/common/decode_params.h for the layouts and conventions). It serves:
   the training kernel's, from the same out and lse);
 * `decode_call` with a block table, for paged caches.
 
-Until the kernel has run on a GPU it is opt-in: JAX_FLASH_DECODE_KERNEL=1
-(`enabled`).
+It is chosen wherever it serves a call; JAX_FLASH_DECODE_KERNEL=0 turns it
+off (`enabled`), leaving short queries to the training kernel and paged
+caches to the blockwise path.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ ENABLE_ENV_VAR = "JAX_FLASH_DECODE_KERNEL"
 
 
 def enabled() -> bool:
-  """Whether the decoding kernel may be chosen (JAX_FLASH_DECODE_KERNEL=1)."""
-  return os.environ.get(ENABLE_ENV_VAR, "0").strip().lower() in (
-      "1", "true", "on", "yes")
+  """Whether the decoding kernel may be chosen (not JAX_FLASH_DECODE_KERNEL=0)."""
+  return os.environ.get(ENABLE_ENV_VAR, "1").strip().lower() not in (
+      "0", "false", "off", "no")
 
 
 def built(dtype: jnp.dtype, head_dim: int) -> bool:
@@ -54,8 +55,7 @@ def unsupported_reason(q: jax.Array, k_cache: jax.Array,
   (either layout), else why not. Says nothing of the library or the
   backend (`jax_flash.cuda.unavailable_reason` does)."""
   if not enabled():
-    return (f"the split-KV decoding kernel runs only with {ENABLE_ENV_VAR}=1 "
-            "until it has passed the GPU suite")
+    return f"the split-KV decoding kernel is turned off ({ENABLE_ENV_VAR}=0)"
   if q.shape[1] > MAX_QUERY_ROWS:
     return f"a query of {q.shape[1]} tokens (the kernel takes {MAX_QUERY_ROWS})"
   if not q.shape[3] == k_cache.shape[3] == v_cache.shape[3]:

@@ -101,8 +101,8 @@ def flash_attention_with_kv_cache(
       `jax_flash.flash_attention` (alibi_slopes (H,) or (B, H)).
     return_lse: also return the log-sum-exp.
     implementation: None picks the split-KV CUDA kernel where it serves
-      the call (it reads either cache layout in place; opt-in with
-      JAX_FLASH_DECODE_KERNEL=1 until it has run on a GPU), else the
+      the call (it reads either cache layout in place;
+      JAX_FLASH_DECODE_KERNEL=0 turns it off), else the
       blockwise path; "cuda" the kernel or an error saying why not; "xla"
       the blockwise pure-JAX path (paged caches gathered in JAX, see
       `jax_flash.decode.paged`); "reference" the plain attention.

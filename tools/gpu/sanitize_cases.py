@@ -4,7 +4,7 @@ Run under `compute-sanitizer --tool memcheck` (or racecheck with --small) to
 check every kernel of the forward and backward passes on shapes with ragged
 tiles, GQA, every mask, alibi with its gradient, softcap and deterministic
 mode, and short queries (the decoding kernel's forward when
-JAX_FLASH_DECODE_KERNEL=1; the sm90 forward with JAX_FLASH_FORCE_ARCH=sm90):
+on unless JAX_FLASH_DECODE_KERNEL=0; the sm90 forward on an sm90 GPU):
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck \
       --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py
@@ -80,8 +80,8 @@ def main() -> None:
   for name, d, config, masks in cases:
     _case(0, batch, sq, sk, 4, 2, d, config, masks)
     print(f"ran {name}", flush=True)
-  # Short queries: the decoding kernel's forward (with
-  # JAX_FLASH_DECODE_KERNEL=1), split over the keys, 16 and 64 rows per CTA.
+  # Short queries: the decoding kernel's forward (unless
+  # JAX_FLASH_DECODE_KERNEL=0), split over the keys, 16 and 64 rows per CTA.
   decode_cases = [
       ("decode sq1 d128", 1, 128, 4, AttentionConfig(128 ** -0.5)),
       ("decode sq4 gqa8 causal d128", 4, 128, 8,

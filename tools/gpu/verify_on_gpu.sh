@@ -32,7 +32,7 @@ step pytest_sm80 "${PYTEST_LIMIT:-240}" env JAX_FLASH_FORCE_ARCH=sm80 \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
 step pytest_sm90 "${PYTEST_LIMIT:-240}" env JAX_FLASH_FORCE_ARCH=sm90 \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py
-step pytest_decode "${PYTEST_LIMIT:-240}" env JAX_FLASH_DECODE_KERNEL=1 \
+step pytest_decode "${PYTEST_LIMIT:-240}" \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_decode.py
 if [[ -n "${WITH_CHECK_SCRIPTS:-}" ]]; then  # slower; the suite covers them
   step check_fwd 240 python3 tools/gpu/check_fwd.py --skip-timing --lib "$LIB"
@@ -45,7 +45,7 @@ step memcheck "${SAN_LIMIT:-120}" "$SAN" --tool memcheck --error-exitcode 3 \
 # The sm90 forward and the decoding kernel: memcheck, racecheck, synccheck.
 for tool in memcheck racecheck synccheck; do
   step "${tool}_new" "${SAN_LIMIT:-120}" env JAX_FLASH_FORCE_ARCH=sm90 \
-    JAX_FLASH_DECODE_KERNEL=1 "$SAN" --tool "$tool" --error-exitcode 3 \
+    "$SAN" --tool "$tool" --error-exitcode 3 \
     --kernel-name kns=flash python3 tools/gpu/sanitize_cases.py --small
 done
 step racecheck "${SAN_LIMIT:-100}" "$SAN" --tool racecheck --error-exitcode 3 \
