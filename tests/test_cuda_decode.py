@@ -107,13 +107,14 @@ def _paged(cache, block_size, order):
   return pages[np.argsort(order)]
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
-def test_paged_cache_equals_contiguous(block_size):
-  q, k, v = _inputs(6, 3, 4, 1024, 8, 2, 128)
-  blocks_per_row = 1024 // block_size
+# Powers of two index blocks by shift and mask, other sizes by division.
+@pytest.mark.parametrize("block_size,s", [(16, 1024), (64, 1024), (48, 960)])
+def test_paged_cache_equals_contiguous(block_size, s):
+  q, k, v = _inputs(6, 3, 4, s, 8, 2, 128)
+  blocks_per_row = s // block_size
   order = np.random.default_rng(0).permutation(3 * blocks_per_row)
   table = jnp.asarray(order.reshape(3, blocks_per_row), jnp.int32)
-  lengths = jnp.array([5, 1024, 700], jnp.int32)
+  lengths = jnp.array([5, s, 700], jnp.int32)
   config = _config(128, causal=True, softcap=20.0)
   want = jax.jit(lambda *a: decode.decode_call(*a, config=config))(
       q, k, v, lengths)

@@ -40,6 +40,7 @@ struct DecodeParams {
   const int32_t* seq_lengths = nullptr;  // (B,) valid keys per row
   const int32_t* block_table = nullptr;  // (B, max_blocks), paged only
   int block_size = 0;   // paged: keys per block
+  int block_size_log2 = -1;  // paged: log2(block_size) if a power of 2
   int max_blocks = 0;   // paged: entries per block-table row
   int num_blocks = 0;   // paged: blocks in the cache
   int capacity = 0;     // keys a row can hold: S_max or max_blocks*block_size

@@ -120,6 +120,11 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q,
   if (paged) {
     p.block_table = block_table.typed_data();
     p.block_size = static_cast<int>(kd[1]);
+    // Powers of two (the usual block sizes) index by shift and mask.
+    if ((p.block_size & (p.block_size - 1)) == 0) {
+      p.block_size_log2 = 0;
+      while ((1 << p.block_size_log2) < p.block_size) ++p.block_size_log2;
+    }
     p.max_blocks = static_cast<int>(td[1]);
     p.num_blocks = static_cast<int>(kd[0]);
     p.capacity = p.block_size * p.max_blocks;

@@ -84,7 +84,7 @@ class Problem:
 
 def has_forward(library: cuda_library.Library) -> bool:
   """Whether the library has the forward kernel the timed problems use."""
-  return ("fwd", "bf16", 128) in library.build_info.kernels
+  return bool(library.build_info.kernel_archs("fwd", "bf16", 128))
 
 
 def make_inputs(problem: Problem, seed: int):
