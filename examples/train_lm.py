@@ -2,14 +2,16 @@
 
     python examples/train_lm.py                    # jax_flash attention
     python examples/train_lm.py --attention xla    # Flax's default attention
+    python examples/train_lm.py --attention cudnn  # jax.nn's cuDNN attention
     python examples/train_lm.py --save lm.npz      # keep the weights, then
     python examples/generate.py --checkpoint lm.npz
 
 The corpus is examples/data/botchan.txt (public domain, see its README). The
 model is a pre-LayerNorm decoder; its attention layers are either
 `jax_flash.flax.nnx.FlashMultiHeadAttention` or Flax's own
-`nnx.MultiHeadAttention`, which have the same parameters, so both runs start
-from the very same weights. The script prints the loss as it falls, the
+`nnx.MultiHeadAttention` (with Flax's attention, or with cuDNN's through
+`jax.nn.dot_product_attention(..., implementation="cudnn")`), which have the
+same parameters, so every run starts from the very same weights. The script prints the loss as it falls, the
 training throughput in tokens per second, the peak memory, and a short
 sample decoded with the layers' key/value cache.
 
@@ -66,6 +68,25 @@ DEFAULTS = {
 }
 
 
+def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                    bias: Optional[jax.Array] = None,
+                    mask: Optional[jax.Array] = None, *,
+                    is_causal: bool = False, **unused: Any) -> jax.Array:
+  """A Flax `attention_fn` running cuDNN's fused attention through
+  `jax.nn.dot_product_attention(..., implementation="cudnn")` (bf16/fp16 on
+  an NVIDIA GPU). Training calls it with `is_causal` and no mask; decoding
+  with the layer's cache passes a mask over the cache's positions, which
+  runs on XLA's attention instead (sampling is not what this compares)."""
+  del unused  # dropout and the rest: this model uses none of them
+  if bias is None and mask is None:
+    return jax.nn.dot_product_attention(query, key, value,
+                                        is_causal=is_causal,
+                                        implementation="cudnn")
+  return jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                      mask=mask, is_causal=is_causal,
+                                      implementation="xla")
+
+
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block: causal self-attention and an MLP."""
 
@@ -74,6 +95,8 @@ class Block(nnx.Module):
     d = config.d_model
     flash = attention == "flash"
     extra = {"cache_block_size": cache_block_size} if flash else {}
+    if attention == "cudnn":
+      extra = {"attention_fn": cudnn_attention}
     layer = FlashMultiHeadAttention if flash else nnx.MultiHeadAttention
     # jax_flash aligns the causal mask bottom-right, so it stays on while
     # decoding (several new positions at once see each other causally);
@@ -243,8 +266,11 @@ def make_parser() -> argparse.ArgumentParser:
   on_gpu = jax.default_backend() == "gpu"
   default = {name: values[on_gpu] for name, values in DEFAULTS.items()}
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--attention", choices=("flash", "xla"), default="flash",
-                 help="jax_flash, or Flax's default dot_product_attention")
+  p.add_argument("--attention", choices=("flash", "xla", "cudnn"),
+                 default="flash",
+                 help="jax_flash; Flax's default dot_product_attention; or "
+                 "cuDNN's through jax.nn.dot_product_attention (NVIDIA GPU, "
+                 "bfloat16)")
   p.add_argument("--steps", type=int, default=default["steps"])
   p.add_argument("--batch-size", type=int, default=default["batch_size"])
   p.add_argument("--seq-len", type=int, default=default["seq_len"])
@@ -363,6 +389,12 @@ def train(args: argparse.Namespace, corpus: Corpus, step_fn: Any,
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
   """Trains, evaluates and samples; returns the measured numbers."""
   args = make_parser().parse_args(argv)
+  if args.attention == "cudnn" and (jax.default_backend() != "gpu"
+                                    or args.dtype != "bfloat16"):
+    raise SystemExit(
+        "--attention cudnn needs an NVIDIA GPU and --dtype bfloat16 "
+        "(cuDNN's fused attention); this run has backend="
+        f"{jax.default_backend()} and --dtype {args.dtype}")
   corpus = Corpus.load()
   model, config = build(args, corpus)
   graphdef, params = nnx.split(model)

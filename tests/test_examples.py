@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,6 +41,13 @@ def test_train_lm_loss_falls_from_the_same_start(train_lm, capsys):
     assert result["tokens_per_s"] > 0
   # Both attention layers have the same parameters, hence the same start.
   assert abs(xla["first_loss"] - flash["first_loss"]) < 1e-4
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu",
+                    reason="checks the message a CPU run gets")
+def test_cudnn_attention_needs_a_gpu_and_says_so(train_lm):
+  with pytest.raises(SystemExit, match="--attention cudnn needs an NVIDIA GPU"):
+    train_lm.main(TINY + ["--attention", "cudnn"])
 
 
 def test_sample_is_as_long_as_asked_past_the_context(train_lm):
