@@ -157,10 +157,12 @@ def select(env: Mapping[str, str] = os.environ,
   directions = _parse_list(env.get("JAX_FLASH_DIRECTIONS"), tuple(DIRECTIONS),
                            "JAX_FLASH_DIRECTIONS")
   direction_dims = _INSTANTIATIONS.DIRECTION_HEAD_DIMS
+  arch_dims = _INSTANTIATIONS.ARCH_DIRECTION_HEAD_DIMS
   return [Instantiation(a, d, t, h) for a in kernel_archs(capabilities(env))
           for d in directions if launch_template(csrc, a, d).exists()
           for t in dtypes for h in head_dims
-          if h in direction_dims.get(d, HEAD_DIMS)]
+          if h in direction_dims.get(d, HEAD_DIMS)
+          and h in arch_dims.get((a, d), HEAD_DIMS)]
 
 
 def kernel_list_header(kernels: list[Instantiation]) -> str:

@@ -105,6 +105,18 @@ def test_sm90_kernels_are_built_when_90_is_listed(tmp_path, csrc, archs,
                                                  ).read_text()
 
 
+def test_sm90_backward_is_built_for_its_head_dims_only(tmp_path, csrc):
+  (csrc / "sm90").mkdir()
+  (csrc / "sm90" / "flash_bwd_launch_template.h").write_text("")
+  env = {"JAX_FLASH_CUDA_ARCHS": "80,90", "JAX_FLASH_DTYPES": "bf16",
+         "JAX_FLASH_DIRECTIONS": "bwd"}
+  generated = gen.generate(tmp_path / "out", env=env, csrc=csrc)
+  sm90 = sorted(k.head_dim for k, _ in generated if k.arch == 90)
+  assert sm90 == sorted(instantiations.ARCH_DIRECTION_HEAD_DIMS[(90, "bwd")])
+  sm80 = sorted(k.head_dim for k, _ in generated if k.arch == 80)
+  assert sm80 == sorted(instantiations.HEAD_DIMS)
+
+
 def test_without_sm90_sources_only_sm80_is_built(tmp_path, csrc):
   generated = gen.generate(tmp_path / "out",
                            env={"JAX_FLASH_CUDA_ARCHS": "80,90"}, csrc=csrc)

@@ -15,6 +15,9 @@ struct BwdScratch {
   float* delta;          // (B, H, Sq)
   int* dq_semaphore;     // (B, H, num_m_blocks); nullptr unless deterministic
   float4* dalibi_rows;   // (B, H, Sq)
+  float2* row_stats;     // (B, H, row_stats_pitch(Sq)): (lse log2 e, delta)
+  // The preprocess fills row_stats (the sm90 kernel reads it).
+  bool write_row_stats = false;
   // The main kernel stages dQ in shared memory for the bulk-copy engine
   // (flash_bwd_kernel.h); set by the launch, which sized shared memory so.
   bool dq_staged = false;
@@ -27,7 +30,8 @@ struct BwdScratch {
             reinterpret_cast<float*>(base + w.delta),
             p.deterministic ? reinterpret_cast<int*>(base + w.dq_semaphore)
                             : nullptr,
-            reinterpret_cast<float4*>(base + w.dalibi_rows), false};
+            reinterpret_cast<float4*>(base + w.dalibi_rows),
+            reinterpret_cast<float2*>(base + w.row_stats), false, false};
   }
 };
 
@@ -86,8 +90,19 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     const int i = m0 + row0 + k * kRowsPerPass;
     if (lane == 0 && i < p.seqlen_q) {
       const int64_t row = bh * p.seqlen_q + i;
-      s.delta[row] = p.dlse != nullptr ? sum - p.dlse[row] : sum;
+      const float delta = p.dlse != nullptr ? sum - p.dlse[row] : sum;
+      s.delta[row] = delta;
       s.dalibi_rows[row] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (s.write_row_stats) {
+        // +inf for a row that sees no key, so that exp2(x - lse) = 0.
+        const float lse = p.lse[row];
+        s.row_stats[bh * row_stats_pitch(p.seqlen_q) + i] =
+            make_float2(lse == -INFINITY ? INFINITY : lse * kLog2e, delta);
+      }
+    } else if (lane == 0 && s.write_row_stats) {
+      // Rows past Sq up to the end of this block: loaded, never used.
+      s.row_stats[bh * row_stats_pitch(p.seqlen_q) + i] =
+          make_float2(INFINITY, 0.f);
     }
   }
   // Rows [m0, min(m0 + kRows, Sq)) of dq_accum: one contiguous block.

@@ -28,6 +28,11 @@ constexpr int kBwdThreads = 256;
 
 // Byte offsets of the scratch regions inside the u8 workspace operand. Every
 // region starts on a 256-byte boundary.
+// Rows per head of the row_stats region: Sq rounded up to 128.
+constexpr int64_t row_stats_pitch(int64_t seqlen_q) {
+  return (seqlen_q + 127) / 128 * 128;
+}
+
 struct BwdWorkspaceLayout {
   int64_t dq_accum = 0;   // f32 (B, H, Sq, D): dQ summed over key tiles
   int64_t delta = 0;      // f32 (B, H, Sq): rowsum(dO * O)
@@ -36,6 +41,10 @@ struct BwdWorkspaceLayout {
   // over the keys, from which dalibi = sum over rows of the third times the
   // second minus the first (docs in flash_bwd_convert.h).
   int64_t dalibi_rows = 0;
+  // f32x2 (B, H, round_up(Sq, 128)): per query row (lse * log2 e, delta),
+  // +inf and 0 for rows that see no key or lie past Sq; the sm90 kernel
+  // loads a step's rows with one bulk copy, so each head's rows are padded.
+  int64_t row_stats = 0;
   int64_t total = 0;
 
   static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q,
@@ -51,12 +60,14 @@ struct BwdWorkspaceLayout {
     at += align(rows * 4);
     w.dq_semaphore = at;
     if (deterministic) {
-      const int m_blocks =
-          ceil_div(static_cast<int>(seqlen_q), bwd_block_m(head_dim));
+      // Enough for the smallest query tile of any arch's kernel (64 rows).
+      const int m_blocks = ceil_div(static_cast<int>(seqlen_q), 64);
       at += align(batch * num_heads * m_blocks * 4);
     }
     w.dalibi_rows = at;
     at += align(rows * 16);
+    w.row_stats = at;
+    at += align(batch * num_heads * row_stats_pitch(seqlen_q) * 8);
     w.total = at;
     return w;
   }

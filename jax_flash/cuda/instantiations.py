@@ -16,6 +16,11 @@ DIRECTION_HEAD_DIMS = {"decode": (64, 128, 256)}
 reads K/V caches in place, so a head dim it lacks is not padded (that would
 copy the cache) but served by the forward kernel instead."""
 
+ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (64, 128)}
+"""(arch, direction) pairs built for fewer head dims than their direction:
+the sm90 backward is written for 64 and 128 (csrc/sm90/bwd_tile_size.h);
+other head dims run the sm80 backward on sm90 GPUs."""
+
 KERNEL_ARCHS = (80, 90)
 """The architectures kernels are written for, the first axis of every
 instantiation: sm80 (mma.sync, cp.async; runs on compute capability 8.0 and

@@ -1,0 +1,568 @@
+// Main backward kernel for sm90 (TMA, wgmma, warp specialization).
+//
+// One CTA per (key tile of 128 keys, kv head, batch row), walking the query
+// tiles of 64 rows that see the keys, for every query head of the GQA group
+// (dK and dV summed over them in registers). Three warpgroups:
+//   producer (warpgroup 0): one thread loads K and V once and, through an
+//     mbarrier pipeline of two stages, each step's Q and dO tiles (TMA) and
+//     its rows' (lse log2 e, delta) (one bulk copy from the preprocess's
+//     row_stats); its registers go to the consumers (setmaxnreg).
+//   consumers (warpgroups 1 and 2): 64 keys each. Per step
+//     S^T = K Q^T and dP^T = V dO^T      (wgmma, issued together)
+//     P^T = exp2(S^T scale - lse)        (registers; masks, score modifiers)
+//     dV += P^T dO                       (P^T from registers)
+//     dS^T = P^T (dP^T - delta)          (softcap's derivative, dalibi sums)
+//     dK += dS^T Q                       (dS^T from registers)
+//     dS^T to shared memory; dQ = dS K   (each warpgroup half of D, over all
+//                                         128 keys)
+//     dQ to shared memory (float32), added to the workspace row by row by
+//     the bulk-copy engine while the next step runs; in deterministic mode
+//     instead added with atomics in a fixed order between semaphores, as in
+//     the sm80 kernel (flash_bwd_kernel.h there).
+// The epilogue writes dK (times the softmax scale) and dV from registers.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "common/bulk_copy.h"
+#include "common/flash.h"
+#include "common/mask.h"
+#include "common/utils.h"
+#include "sm80/flash_bwd_preprocess.h"
+#include "sm90/flash_bwd_kernel_traits.h"
+#include "sm90/flash_fwd_kernel.h"  // warpgroup_gemm_issue
+#include "sm90/softmax.h"           // accumulator views
+
+namespace jax_flash {
+namespace sm90 {
+
+template <typename Traits>
+struct BwdKernelParams {
+  BwdParams p;
+  BwdScratch scratch;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaQ tma_do;
+  typename Traits::TmaK tma_k;
+  typename Traits::TmaK tma_v;
+};
+
+// Named barriers of the consumers (ids past those TensorCoreTurns uses).
+constexpr uint32_t kBarrierDsWritten = 2;    // 256 threads
+constexpr uint32_t kBarrierDqStaged = 3;     // + warpgroup: 128 threads each
+constexpr uint32_t kBarrierSemaphore = 5;    // 256 threads
+
+// Deterministic mode, among the 256 consumer threads: wait until `*sem ==
+// expected`.
+__device__ __forceinline__ void consumer_semaphore_wait(const int* sem,
+                                                        int expected,
+                                                        int tid) {
+  if (tid == 0) {
+    int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n"
+                   : "=r"(seen) : "l"(sem) : "memory");
+    } while (seen != expected);
+  }
+  cutlass::arch::NamedBarrier::sync(256, kBarrierSemaphore);
+}
+
+// Publishes the consumers' earlier global writes, then sets `*sem = value`.
+__device__ __forceinline__ void consumer_semaphore_signal(int* sem, int value,
+                                                          int tid) {
+  __threadfence();
+  cutlass::arch::NamedBarrier::sync(256, kBarrierSemaphore);
+  if (tid == 0) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;\n"
+                 :: "l"(sem), "r"(value) : "memory");
+  }
+}
+
+template <typename Traits, bool kScoreMod>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
+  using namespace cute;
+  using T = typename Traits::T;
+  using Element = typename Traits::Element;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Pipeline = typename Traits::Pipeline;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
+  const BwdParams& p = params.p;
+  const BwdScratch& scratch = params.scratch;
+
+  const int n_block = blockIdx.x;
+  const int h_kv = blockIdx.y;
+  const int b = blockIdx.z;
+  const int n0 = n_block * kBlockN;
+  const int group = p.num_heads / p.num_heads_kv;
+  const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  const AttentionMask mask = AttentionMask::make(p, b);
+
+  // Query tiles [m_begin, m_end) see some key of this tile.
+  int m_begin = 0, m_end = 0;
+  if (n0 < mask.kv_len) {
+    const int q_begin = mask.query_begin(n0);
+    const int q_end = mask.query_end(n0 + kBlockN);
+    if (q_begin < q_end) {
+      m_begin = q_begin / kBlockM;
+      m_end = ceil_div(q_end, kBlockM);
+    }
+  }
+  const int steps_per_head = m_end - m_begin;
+  const int num_steps = group * steps_per_head;
+  const int warpgroup = threadIdx.x / 128;
+
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Traits::kStepBytes;
+  pipeline_params.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer
+                                        : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = threadIdx.x == 0;
+  pipeline_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipeline_q(smem.pipeline_q, pipeline_params, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) smem.kv_full.init(1);
+  if (threadIdx.x < kBlockN) {
+    const int j = n0 + threadIdx.x;
+    smem.kv_segment[threadIdx.x] =
+        mask.has_segments() && j < p.seqlen_k ? mask.kv_segment_ids[j] : 0;
+  }
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()),
+                          typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()),
+                           typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()),
+                           typename Traits::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()),
+                            typename Traits::SmemLayoutQt{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()),
+                          typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()),
+                          typename Traits::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()),
+                           typename Traits::SmemLayoutKt{});
+  Tensor sDs = make_tensor(make_smem_ptr(smem.ds.data()),
+                           typename Traits::SmemLayoutDs{});
+  Tensor sDsT = make_tensor(make_smem_ptr(smem.ds.data()),
+                            typename Traits::SmemLayoutDsT{});
+
+  const int m0_first = m_begin * kBlockM, m0_end = m_end * kBlockM;
+  // Steps walk the group's query heads in turn, each over query tiles
+  // [m_begin, m_end): (h, m0) of the next step.
+  auto advance = [&](int& h, int& m0) {
+    m0 += kBlockM;
+    if (m0 >= m0_end) {
+      m0 = m0_first;
+      ++h;
+    }
+  };
+
+  if (warpgroup == 0) {
+    // ---- producer ----
+    cutlass::arch::warpgroup_reg_dealloc<kBwdProducerRegisters>();
+    if (threadIdx.x != 0) return;
+    auto shape = [&](int s, int heads) {
+      return make_shape(s, p.head_dim, heads, p.batch);
+    };
+    Tensor mQ = params.tma_q.get_tma_tensor(shape(p.seqlen_q, p.num_heads));
+    Tensor mdO = params.tma_do.get_tma_tensor(shape(p.seqlen_q, p.num_heads));
+    Tensor mK = params.tma_k.get_tma_tensor(shape(p.seqlen_k, p.num_heads_kv));
+    Tensor mV = params.tma_v.get_tma_tensor(shape(p.seqlen_k, p.num_heads_kv));
+    using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+    using TileK = Shape<Int<kBlockN>, Int<kHeadDim>>;
+    Tensor gK = local_tile(mK(_, _, h_kv, b), TileK{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(mV(_, _, h_kv, b), TileK{}, make_coord(n_block, _0{}));
+    auto [tKg, tKs] = tma_partition(params.tma_k, _0{}, Layout<_1>{},
+                                    group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{},
+                                    group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    auto& kv_barrier =
+        reinterpret_cast<typename Pipeline::ProducerBarrierType&>(smem.kv_full);
+    smem.kv_full.arrive_and_expect_tx(2 * Traits::kKTileBytes);
+    copy(params.tma_k.with(kv_barrier, 0), tKg, tKs);
+    copy(params.tma_v.with(kv_barrier, 0), tVg, tVs);
+
+    const int64_t stats_pitch = row_stats_pitch(p.seqlen_q);
+    auto write = cutlass::make_producer_start_state<Pipeline>();
+    int h = h_kv * group, m0 = m0_first;
+    for (int step = 0; step < num_steps; ++step) {
+      Tensor gQ = local_tile(mQ(_, _, h, b), TileQ{},
+                             make_coord(m0 / kBlockM, _0{}));
+      Tensor gdO = local_tile(mdO(_, _, h, b), TileQ{},
+                              make_coord(m0 / kBlockM, _0{}));
+      auto [tQg, tQs] = tma_partition(params.tma_q, _0{}, Layout<_1>{},
+                                      group_modes<0, 2>(sQ),
+                                      group_modes<0, 2>(gQ));
+      auto [tdOg, tdOs] = tma_partition(params.tma_do, _0{}, Layout<_1>{},
+                                        group_modes<0, 2>(sdO),
+                                        group_modes<0, 2>(gdO));
+      pipeline_q.producer_acquire(write);
+      auto* barrier = pipeline_q.producer_get_barrier(write);
+      copy(params.tma_q.with(*barrier, 0), tQg, tQs(_, write.index()));
+      copy(params.tma_do.with(*barrier, 0), tdOg, tdOs(_, write.index()));
+      const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+      SM90_BULK_COPY_G2S::copy(scratch.row_stats + bh * stats_pitch + m0,
+                               reinterpret_cast<uint64_t*>(barrier),
+                               &smem.stats[write.index()][0],
+                               Traits::kStatsBytes);
+      ++write;
+      advance(h, m0);
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  cutlass::arch::warpgroup_reg_alloc<kBwdConsumerRegisters>();
+  const int tid = threadIdx.x - 128;  // 0 .. 255
+  const int wg = warpgroup - 1;       // consumer warpgroup, 0 or 1
+  const int wg_tid = tid % 128;
+  typename Traits::MmaSdP mma_sdp;
+  typename Traits::MmaKV mma_kv;
+  typename Traits::MmaDq mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(tid);
+  auto thr_kv = mma_kv.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);     // (MMA, M, K)
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, N, K, stage)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+  Tensor tKVrdOt = thr_kv.partition_fragment_B(sdOt);  // (MMA, N, K, stage)
+  Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);
+  Tensor tDqrDs = thr_dq.partition_fragment_A(sDs);   // (MMA, M, K, buffer)
+  Tensor tDqrKt = thr_dq.partition_fragment_B(sKt);   // (MMA, N, K)
+
+  using TileSdP = Shape<Int<kBlockN>, Int<kBlockM>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileDq = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  Tensor acc_dv = partition_fragment_C(mma_kv, TileKV{});
+  Tensor acc_dk = partition_fragment_C(mma_kv, TileKV{});
+  clear(acc_dv);
+  clear(acc_dk);
+
+  // (key, query) tile coordinates of this thread's S^T / dP^T elements.
+  Tensor sdp_coords = thr_sdp.partition_C(make_identity_tensor(TileSdP{}));
+  Tensor coords_rc = make_tensor(sdp_coords.data(),
+                                 accumulator_rows_cols(sdp_coords.layout()));
+  constexpr int kRows = decltype(size<0>(coords_rc))::value;  // keys
+  constexpr int kCols = decltype(size<1>(coords_rc))::value;  // queries
+  // dS^T as this thread writes it: the same (key, query) positions.
+  Tensor tdSsDs = thr_sdp.partition_C(sDsT);  // (MMA, M, N, buffer)
+
+  const ScoreMod score_mod_base = ScoreMod::make(p, b, h_kv * group, mask);
+  const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
+  const float scale_log2 = p.softmax_scale_log2;
+
+  // Deterministic order: this CTA passes every query tile's semaphore, also
+  // of tiles it has nothing to add to (before and after its own range).
+  auto pass_semaphores = [&](int m_from, int m_to) {
+    for (int g = 0; g < group; ++g) {
+      const int64_t bh = static_cast<int64_t>(b) * p.num_heads +
+                         h_kv * group + g;
+      for (int m = m_from; m < m_to; ++m) {
+        int* sem = scratch.dq_semaphore + bh * num_m_blocks + m;
+        consumer_semaphore_wait(sem, n_block, tid);
+        consumer_semaphore_signal(sem, n_block + 1, tid);
+      }
+    }
+  };
+  if (p.deterministic) pass_semaphores(0, m_begin);
+
+  smem.kv_full.wait(0);
+  typename Pipeline::PipelineState read;
+  int h = h_kv * group, m0 = m0_first;
+  // The dQ rows this thread's bulk additions cover (threads with wg_tid <
+  // kBlockM, one row each, of their warpgroup's half of D).
+  constexpr int kHalfD = kHeadDim / 2;
+  for (int step = 0; step < num_steps; ++step) {
+    const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+    const int stage = read.index();
+    const int ds_buffer = step % 2;
+    ScoreMod score_mod = score_mod_base;
+    if constexpr (kScoreMod) score_mod.alibi = Alibi::make(p, b, h, mask);
+
+    Tensor acc_s = partition_fragment_C(mma_sdp, TileSdP{});
+    Tensor acc_dp = partition_fragment_C(mma_sdp, TileSdP{});
+    pipeline_q.consumer_wait(read);
+    warpgroup_gemm_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, stage),
+                                      acc_s);
+    warpgroup_gemm_issue<true, false>(mma_sdp, tSrV, tSrdO(_, _, _, stage),
+                                      acc_dp);
+    const float2* stats = smem.stats[stage];
+    Tensor s_rc = make_tensor(acc_s.data(),
+                              accumulator_rows_cols(acc_s.layout()));
+    Tensor dp_rc = make_tensor(acc_dp.data(),
+                               accumulator_rows_cols(acc_dp.layout()));
+    const bool tile_masked =
+        mask.tile_needs_mask(m0, m0 + kBlockM, n0, n0 + kBlockN);
+
+    const int warp = tid / 32, lane = tid % 32;
+    // dalibi: the sums of column c over this warp's 16 keys (8 lanes share
+    // a column), to shared memory per warp (deterministic mode: summed over
+    // the warps in order inside the semaphore window) or added to the
+    // workspace at once.
+    auto add_alibi_column = [&](int c, float a0, float a1, float a2)
+        __attribute__((always_inline)) {
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) {
+        a0 += __shfl_xor_sync(0xffffffffu, a0, off);
+        a1 += __shfl_xor_sync(0xffffffffu, a1, off);
+        a2 += __shfl_xor_sync(0xffffffffu, a2, off);
+      }
+      const int col = get<1>(coords_rc(0, c));
+      if (lane < 4) {
+        if (p.deterministic) {
+          smem.alibi[warp][col] = make_float4(a0, a1, a2, 0.f);
+        } else if (m0 + col < p.seqlen_q) {
+          float* dst = &scratch.dalibi_rows[bh * p.seqlen_q + m0 + col].x;
+          atomicAdd(dst, a0);
+          atomicAdd(dst + 1, a1);
+          atomicAdd(dst + 2, a2);
+        }
+      }
+    };
+
+    // P^T = exp2(logit - lse) in place of S^T (0 where masked); with
+    // kWithGrads (dP^T in already) also dS^T = P^T (dP^T - delta), through
+    // softcap's derivative, in place of dP^T, and the dalibi sums.
+    auto probs = [&](auto masked_c, auto with_grads_c)
+        __attribute__((always_inline)) {
+      constexpr bool kMasked = decltype(masked_c)::value;
+      constexpr bool kWithGrads = decltype(with_grads_c)::value;
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const int i = m0 + get<1>(coords_rc(0, c));
+        const float2 row_stats = stats[get<1>(coords_rc(0, c))];
+        [[maybe_unused]] MaskRow row = {};
+        if constexpr (kMasked) row = mask.row(i);
+        [[maybe_unused]] float a0 = 0.f, a1 = 0.f, a2 = 0.f;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const int jt = get<0>(coords_rc(r, 0)), j = n0 + jt;
+          float prob;
+          [[maybe_unused]] float capped = 0.f;
+          if constexpr (kScoreMod) {
+            const float logit = score_mod(s_rc(r, c), i, j, &capped);
+            prob = exp2_approx(logit * kLog2e - row_stats.x);
+          } else {
+            prob = exp2_approx(s_rc(r, c) * scale_log2 - row_stats.x);
+          }
+          if constexpr (kMasked) {
+            if (!row.sees(j, smem.kv_segment[jt])) prob = 0.f;
+          }
+          s_rc(r, c) = prob;
+          if constexpr (kWithGrads) {
+            const float dpv = dp_rc(r, c);
+            float ds = prob * (dpv - row_stats.y);
+            if constexpr (kScoreMod) {
+              if (want_dalibi) {
+                const float dist = -score_mod.alibi.grad_slope(i, j);
+                const float pdp = prob * dpv;
+                a0 += pdp * dist;
+                a1 += prob * dist;
+                a2 += pdp;
+              }
+              if (score_mod.softcap.enabled()) {
+                ds *= score_mod.softcap.grad_from_output(capped);
+              }
+            }
+            dp_rc(r, c) = ds;
+          }
+        }
+        if constexpr (kScoreMod && kWithGrads) {
+          if (want_dalibi) add_alibi_column(c, a0, a1, a2);
+        }
+      }
+    };
+    auto with_mask = [&](auto fn) __attribute__((always_inline)) {
+      if (tile_masked) {
+        fn(cute::true_type{});
+      } else {
+        fn(cute::false_type{});
+      }
+    };
+    Tensor rP = make_tensor_like<Element>(acc_s);
+    Tensor tKVrP =
+        make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
+    Tensor rdS = make_tensor_like<Element>(acc_dp);
+    Tensor tKVrdS =
+        make_tensor(rdS.data(), accumulator_as_operand_a(rdS.layout()));
+    auto convert = [](auto const& from, auto& to)
+        __attribute__((always_inline)) {
+#pragma unroll
+      for (int e = 0; e < size(from); ++e) {
+        to(e) = static_cast<Element>(from(e));
+      }
+    };
+    if constexpr (kScoreMod) {
+      // Softcap's derivative needs each capped logit and dalibi P and dP
+      // side by side: both products first, then one pass.
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
+      warpgroup_fence_operand(acc_dp);
+      with_mask([&](auto masked) { probs(masked, cute::true_type{}); });
+      convert(acc_s, rP);
+      warpgroup_gemm_issue<false, true>(mma_kv, tKVrP,
+                                        tKVrdOt(_, _, _, stage), acc_dv);
+    } else {
+      // P^T while dP^T is computed; dV += P^T dO while dS^T is.
+      warpgroup_wait<1>();  // S^T is in
+      warpgroup_fence_operand(acc_s);
+      with_mask([&](auto masked) { probs(masked, cute::false_type{}); });
+      convert(acc_s, rP);
+      warpgroup_gemm_issue<false, true>(mma_kv, tKVrP,
+                                        tKVrdOt(_, _, _, stage), acc_dv);
+      warpgroup_wait<1>();  // dP^T is in (dV may still run)
+      warpgroup_fence_operand(acc_dp);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) {
+        const float delta = stats[get<1>(coords_rc(0, c))].y;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - delta);
+        }
+      }
+    }
+    convert(acc_dp, rdS);
+    // dK += dS^T Q
+    warpgroup_gemm_issue<false, true>(mma_kv, tKVrdS, tKVrQt(_, _, _, stage),
+                                      acc_dk);
+    // dS^T to shared memory, two adjacent queries per 32-bit store.
+    {
+      Tensor rdS_rc =
+          make_tensor(rdS.data(), accumulator_rows_cols(rdS.layout()));
+      Tensor dst = tdSsDs(_, _, _, ds_buffer);
+      Tensor dst_rc = make_tensor(dst.data(),
+                                  accumulator_rows_cols(dst.layout()));
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+        for (int c = 0; c < kCols; c += 2) {
+          Element pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
+          *reinterpret_cast<uint32_t*>(&dst_rc(r, c)) =
+              *reinterpret_cast<const uint32_t*>(pair);
+        }
+      }
+    }
+    cutlass::arch::fence_view_async_shared();  // dS^T for wgmma's reads
+    // The previous step's bulk additions have read the dQ staging rows.
+    if (wg_tid < kBlockM) bulk_wait_sources_read();
+    cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
+
+    // dQ = dS K (this warpgroup's half of D)
+    Tensor acc_dq = partition_fragment_C(mma_dq, TileDq{});
+    warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, ds_buffer),
+                                      tDqrKt, acc_dq);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_dq);
+    warpgroup_fence_operand(acc_dk);
+    warpgroup_fence_operand(acc_dv);
+    pipeline_q.consumer_release(read);  // Q, dO, stats of this step
+
+    // dQ to the staging rows.
+    {
+      Tensor dq_coords =
+          thr_dq.partition_C(make_identity_tensor(TileDq{}));
+      Tensor dq_coords_rc = make_tensor(
+          dq_coords.data(), accumulator_rows_cols(dq_coords.layout()));
+      Tensor dq_rc = make_tensor(acc_dq.data(),
+                                 accumulator_rows_cols(acc_dq.layout()));
+#pragma unroll
+      for (int r = 0; r < size<0>(dq_rc); ++r) {
+#pragma unroll
+        for (int c = 0; c < size<1>(dq_rc); c += 2) {
+          const int row = get<0>(dq_coords_rc(r, c));
+          const int col = get<1>(dq_coords_rc(r, c));
+          *reinterpret_cast<float2*>(&smem.dq[row * Traits::kDqPitch + col]) =
+              make_float2(dq_rc(r, c), dq_rc(r, c + 1));
+        }
+      }
+    }
+    float* dq_accum_tile =
+        scratch.dq_accum + (bh * p.seqlen_q + m0) * kHeadDim;
+    const int rows_here = min(kBlockM, p.seqlen_q - m0);
+    if (!p.deterministic) {
+      fence_shared_for_bulk_copy();
+      cutlass::arch::NamedBarrier::sync(128, kBarrierDqStaged + wg);
+      if (wg_tid < rows_here) {
+        bulk_add_f32(dq_accum_tile + wg_tid * kHeadDim + wg * kHalfD,
+                     smem_addr(&smem.dq[wg_tid * Traits::kDqPitch +
+                                        wg * kHalfD]),
+                     kHalfD * 4);
+        bulk_commit();
+      }
+    } else {
+      int* sem = scratch.dq_semaphore + bh * num_m_blocks + m0 / kBlockM;
+      consumer_semaphore_wait(sem, n_block, tid);  // also: dQ staged
+      // Every element once, by a fixed thread, in a fixed order.
+      constexpr int kVecs = kBlockM * kHeadDim / 4;
+      for (int v = tid; v < kVecs; v += 256) {
+        const int row = v / (kHeadDim / 4), col = (v % (kHeadDim / 4)) * 4;
+        if (row < rows_here) {
+          const float4 x =
+              *reinterpret_cast<const float4*>(&smem.dq[row * Traits::kDqPitch + col]);
+          atomicAdd(reinterpret_cast<float4*>(dq_accum_tile + row * kHeadDim + col),
+                    x);
+        }
+      }
+      if (want_dalibi && tid < rows_here) {
+        float4 sum = smem.alibi[0][tid];
+#pragma unroll
+        for (int w = 1; w < 8; ++w) {
+          const float4 part = smem.alibi[w][tid];
+          sum.x += part.x;
+          sum.y += part.y;
+          sum.z += part.z;
+        }
+        float* dst = &scratch.dalibi_rows[bh * p.seqlen_q + m0 + tid].x;
+        atomicAdd(dst, sum.x);
+        atomicAdd(dst + 1, sum.y);
+        atomicAdd(dst + 2, sum.z);
+      }
+      consumer_semaphore_signal(sem, n_block + 1, tid);
+    }
+    ++read;
+    advance(h, m0);
+  }
+  if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
+  if (!p.deterministic && wg_tid < kBlockM) bulk_wait_all();
+
+  // dK = softmax_scale * dS^T Q (the scale of the logits), dV as summed.
+  Tensor kv_coords = thr_kv.partition_C(make_identity_tensor(TileKV{}));
+  Tensor kv_coords_rc = make_tensor(kv_coords.data(),
+                                    accumulator_rows_cols(kv_coords.layout()));
+  Tensor dk_rc = make_tensor(acc_dk.data(), accumulator_rows_cols(acc_dk.layout()));
+  Tensor dv_rc = make_tensor(acc_dv.data(), accumulator_rows_cols(acc_dv.layout()));
+  T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride +
+          h_kv * p.dk_head_stride;
+  T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride +
+          h_kv * p.dv_head_stride;
+#pragma unroll
+  for (int r = 0; r < size<0>(dk_rc); ++r) {
+    const int j = n0 + get<0>(kv_coords_rc(r, 0));
+    if (j >= p.seqlen_k) continue;
+#pragma unroll
+    for (int c = 0; c < size<1>(dk_rc); c += 2) {
+      const int col = get<1>(kv_coords_rc(r, c));
+      *reinterpret_cast<uint32_t*>(dk + j * p.dk_row_stride + col) =
+          pack2<T>(dk_rc(r, c) * p.softmax_scale,
+                   dk_rc(r, c + 1) * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(dv + j * p.dv_row_stride + col) =
+          pack2<T>(dv_rc(r, c), dv_rc(r, c + 1));
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace jax_flash

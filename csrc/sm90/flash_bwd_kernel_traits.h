@@ -1,0 +1,159 @@
+// Types of the sm90 backward kernel for one (dtype, head dim): tile shape,
+// shared-memory layouts (swizzled for wgmma and TMA, with transposed views
+// of the same bytes), the three tiled wgmma operations, the TMA copies and
+// the shared storage.
+//
+// The keys are the M of the key-side products, so that P^T and dS^T come out
+// of one GEMM in the register layout the next one takes as its A operand:
+//   S^T  = K Q^T,  dP^T = V dO^T      (MmaSdP: 128 keys x 64 queries, ss)
+//   dV  += P^T dO, dK  += dS^T Q      (MmaKV: 128 keys x D, A in registers)
+//   dQ   = dS K                       (MmaDq: 64 queries x D, ss; the two
+//                                      warpgroups split D)
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/gemm/collective/builders/sm90_common.inl>
+#include <cutlass/pipeline/pipeline.hpp>
+
+#include "sm90/bwd_tile_size.h"
+
+namespace jax_flash {
+namespace sm90 {
+
+template <typename T_, int kHeadDim_>
+struct BwdKernelTraits {
+  using T = T_;
+  using Element = std::conditional_t<std::is_same_v<T, __nv_bfloat16>,
+                                     cutlass::bfloat16_t, cutlass::half_t>;
+  static_assert(sizeof(Element) == sizeof(T), "same 16-bit storage");
+  static constexpr int kHeadDim = kHeadDim_;
+  static_assert(bwd_supports_head_dim(kHeadDim), "see bwd_tile_size.h");
+  static constexpr int kBlockM = kBwdBlockM;
+  static constexpr int kBlockN = kBwdBlockN;
+  static constexpr int kStages = kBwdStages;
+  static constexpr int kConsumerThreads = kBwdConsumerWarpgroups * 128;
+  static constexpr int kThreads = kBwdThreads;
+  static_assert(kBlockN == 64 * kBwdConsumerWarpgroups,
+                "one 64-key wgmma slab per consumer warpgroup");
+
+  using BlockM = cute::Int<kBlockM>;
+  using BlockN = cute::Int<kBlockN>;
+  using HeadDim = cute::Int<kHeadDim>;
+  using HalfHeadDim = cute::Int<kHeadDim / 2>;
+
+  // S^T and dP^T: both operands from shared memory, K-major (D contiguous);
+  // the consumer warpgroups stack along M (keys).
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<BlockN, BlockM, HeadDim>>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  // dV and dK: A = P^T or dS^T from registers, B = dO or Q read MN-major
+  // (their D is contiguous, and D is the N here).
+  using MmaKV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
+                                 cute::Shape<BlockN, HeadDim, BlockM>,
+                                 cute::GMMA::Major::K,
+                                 cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  // dQ: A = dS from shared memory, queries contiguous (MN-major), B = K read
+  // MN-major; warpgroup w computes columns [w D / 2, (w + 1) D / 2).
+  using MmaDq = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<BlockM, HalfHeadDim, BlockN>,
+                                 cute::GMMA::Major::MN,
+                                 cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
+
+  // Q and dO: (kBlockM, D, stage), rows of D elements.
+  using SmemAtomQ = decltype(
+      cutlass::gemm::collective::detail::ss_smem_selector<
+          cute::GMMA::Major::K, Element, BlockM, HeadDim>());
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      SmemAtomQ{}, cute::Shape<BlockM, HeadDim, cute::Int<kStages>>{}));
+  // The same bytes as (D, kBlockM, stage): the B operand of dV and dK.
+  using SmemLayoutQt = decltype(cute::composition(
+      SmemLayoutQ{},
+      cute::make_ordered_layout(
+          cute::Shape<HeadDim, BlockM, cute::Int<kStages>>{},
+          cute::Step<cute::_2, cute::_1, cute::_3>{})));
+  // K and V: (kBlockN, D), loaded once.
+  using SmemAtomK = decltype(
+      cutlass::gemm::collective::detail::ss_smem_selector<
+          cute::GMMA::Major::K, Element, BlockN, HeadDim>());
+  using SmemLayoutK =
+      decltype(cute::tile_to_shape(SmemAtomK{}, cute::Shape<BlockN, HeadDim>{}));
+  // K as (D, kBlockN): the B operand of dQ.
+  using SmemLayoutKt = decltype(cute::composition(
+      SmemLayoutK{},
+      cute::make_ordered_layout(cute::Shape<HeadDim, BlockN>{},
+                                cute::Step<cute::_2, cute::_1>{})));
+  // dS: (kBlockM queries, kBlockN keys, buffer), queries contiguous: the A
+  // operand of dQ. Two buffers: one warpgroup may write step t + 1's while
+  // the other still multiplies step t's.
+  using SmemAtomDs = decltype(
+      cutlass::gemm::collective::detail::ss_smem_selector<
+          cute::GMMA::Major::MN, Element, BlockM, BlockN>());
+  using SmemLayoutDs = decltype(cute::tile_to_shape(
+      SmemAtomDs{}, cute::Shape<BlockM, BlockN, cute::_2>{},
+      cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  // dS as (kBlockN keys, kBlockM queries, buffer): as MmaSdP's C lays it out.
+  using SmemLayoutDsT = decltype(cute::composition(
+      SmemLayoutDs{},
+      cute::make_ordered_layout(cute::Shape<BlockN, BlockM, cute::_2>{},
+                                cute::Step<cute::_2, cute::_1, cute::_3>{})));
+
+  // dQ of a step in float32, kBlockM rows of D, padded by 8 floats so that
+  // the accumulator's float2 writes hit distinct banks; the bulk-copy engine
+  // adds it to the workspace row by row.
+  static constexpr int kDqPitch = kHeadDim + 8;
+
+  using GmemShape = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
+  using GmemStride = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
+  using TmaQ = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<const Element*>(nullptr)),
+                        GmemShape{}, GmemStride{}),
+      cute::take<0, 2>(SmemLayoutQ{}), cute::Shape<BlockM, HeadDim>{},
+      cute::_1{}));
+  using TmaK = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<const Element*>(nullptr)),
+                        GmemShape{}, GmemStride{}),
+      SmemLayoutK{}, cute::Shape<BlockN, HeadDim>{}, cute::_1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  static constexpr uint32_t kQTileBytes =
+      kBlockM * kHeadDim * static_cast<uint32_t>(sizeof(T));
+  // Per query row of a step: (lse * log2 e, delta), from the preprocess.
+  static constexpr uint32_t kStatsBytes = kBlockM * 8;
+  static constexpr uint32_t kStepBytes = 2 * kQTileBytes + kStatsBytes;
+  static constexpr uint32_t kKTileBytes =
+      kBlockN * kHeadDim * static_cast<uint32_t>(sizeof(T));
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> k;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> v;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> dout;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutDs>> ds;
+    alignas(16) float dq[kBlockM * kDqPitch];
+    alignas(16) float2 stats[kStages][kBlockM];
+    // dalibi: per warp (8) and query column, (sum P dP |d|, sum P |d|,
+    // sum P dP) over the warp's keys.
+    alignas(16) float4 alibi[8][kBlockM];
+    int kv_segment[kBlockN];
+    typename Pipeline::SharedStorage pipeline_q;
+    cutlass::arch::ClusterTransactionBarrier kv_full;
+  };
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
+};
+
+}  // namespace sm90
+}  // namespace jax_flash
