@@ -286,11 +286,15 @@ def test_sm80_kernel_on_sm90_is_logged_once_with_its_reason(monkeypatch,
                      "fwd kernel is built for bf16 at head dim 64"]
 
 
-def test_sm90_forward_runs_by_default_on_sm90(monkeypatch):
-  _with_build(monkeypatch, SM90_FWD_128)
+def test_sm90_forward_and_backward_run_by_default_on_sm90(monkeypatch):
+  _with_build(monkeypatch, SM90_FWD_128.replace(
+      "|", ";sm90:bwd:bf16:128|"))
   _on_gpu(monkeypatch, "9.0")
-  assert library.DEFAULT_SM90_DIRECTIONS == frozenset({"fwd"})
+  assert library.DEFAULT_SM90_DIRECTIONS == frozenset({"fwd", "bwd"})
   assert library.kernel_arch("fwd", "bf16", 128) == 90
+  assert library.kernel_arch("bwd", "bf16", 128) == 90
+  # The sm90 backward is built for some head dims only: sm80 for the rest.
+  assert library.kernel_arch("bwd", "bf16", 64) == 80
 
 
 def test_opt_in_sm90_kernels_run_only_when_asked(monkeypatch, caplog):

@@ -279,6 +279,22 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   };
   if (p.deterministic) pass_semaphores(0, m_begin);
 
+  // dS^T of the step whose dK product may still run (its A operand).
+  Tensor rdS = make_tensor<Element>(
+      partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{})
+          .layout());
+  Tensor tKVrdS =
+      make_tensor(rdS.data(), accumulator_as_operand_a(rdS.layout()));
+  // The previous step's stage, released once its dK product is in.
+  typename Pipeline::PipelineState release;
+  bool release_pending = false;
+  auto release_previous = [&]() __attribute__((always_inline)) {
+    warpgroup_fence_operand(acc_dk);
+    warpgroup_fence_operand(rdS);
+    if (release_pending) pipeline_q.consumer_release(release);
+    release_pending = false;
+  };
+
   smem.kv_full.wait(0);
   typename Pipeline::PipelineState read;
   int h = h_kv * group, m0 = m0_first;
@@ -343,7 +359,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         const int i = m0 + get<1>(coords_rc(0, c));
-        const float2 row_stats = stats[get<1>(coords_rc(0, c))];
+        const float lse2 = stats[get<1>(coords_rc(0, c))].x;
         [[maybe_unused]] MaskRow row = {};
         if constexpr (kMasked) row = mask.row(i);
         [[maybe_unused]] float a0 = 0.f, a1 = 0.f, a2 = 0.f;
@@ -354,9 +370,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
           [[maybe_unused]] float capped = 0.f;
           if constexpr (kScoreMod) {
             const float logit = score_mod(s_rc(r, c), i, j, &capped);
-            prob = exp2_approx(logit * kLog2e - row_stats.x);
+            prob = exp2_approx(logit * kLog2e - lse2);
           } else {
-            prob = exp2_approx(s_rc(r, c) * scale_log2 - row_stats.x);
+            prob = exp2_approx(s_rc(r, c) * scale_log2 - lse2);
           }
           if constexpr (kMasked) {
             if (!row.sees(j, smem.kv_segment[jt])) prob = 0.f;
@@ -364,7 +380,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
           s_rc(r, c) = prob;
           if constexpr (kWithGrads) {
             const float dpv = dp_rc(r, c);
-            float ds = prob * (dpv - row_stats.y);
+            float ds = prob * (dpv - stats[get<1>(coords_rc(0, c))].y);
             if constexpr (kScoreMod) {
               if (want_dalibi) {
                 const float dist = -score_mod.alibi.grad_slope(i, j);
@@ -395,9 +411,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     Tensor rP = make_tensor_like<Element>(acc_s);
     Tensor tKVrP =
         make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
-    Tensor rdS = make_tensor_like<Element>(acc_dp);
-    Tensor tKVrdS =
-        make_tensor(rdS.data(), accumulator_as_operand_a(rdS.layout()));
     auto convert = [](auto const& from, auto& to)
         __attribute__((always_inline)) {
 #pragma unroll
@@ -409,6 +422,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       // Softcap's derivative needs each capped logit and dalibi P and dP
       // side by side: both products first, then one pass.
       warpgroup_wait<0>();
+      release_previous();
       warpgroup_fence_operand(acc_s);
       warpgroup_fence_operand(acc_dp);
       with_mask([&](auto masked) { probs(masked, cute::true_type{}); });
@@ -417,7 +431,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                                         tKVrdOt(_, _, _, stage), acc_dv);
     } else {
       // P^T while dP^T is computed; dV += P^T dO while dS^T is.
-      warpgroup_wait<1>();  // S^T is in
+      warpgroup_wait<1>();  // S^T (and the previous dK) is in
+      release_previous();
       warpgroup_fence_operand(acc_s);
       with_mask([&](auto masked) { probs(masked, cute::false_type{}); });
       convert(acc_s, rP);
@@ -435,9 +450,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       }
     }
     convert(acc_dp, rdS);
-    // dK += dS^T Q
-    warpgroup_gemm_issue<false, true>(mma_kv, tKVrdS, tKVrQt(_, _, _, stage),
-                                      acc_dk);
     // dS^T to shared memory, two adjacent queries per 32-bit store.
     {
       Tensor rdS_rc =
@@ -450,8 +462,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
 #pragma unroll
         for (int c = 0; c < kCols; c += 2) {
           Element pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
-          *reinterpret_cast<uint32_t*>(&dst_rc(r, c)) =
-              *reinterpret_cast<const uint32_t*>(pair);
+          // A shared-space store (a generic one would go through L1TEX).
+          asm volatile("st.shared.b32 [%0], %1;\n"
+                       :: "r"(smem_addr(&dst_rc(r, c))),
+                          "r"(*reinterpret_cast<const uint32_t*>(pair))
+                       : "memory");
         }
       }
     }
@@ -460,15 +475,18 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     if (wg_tid < kBlockM) bulk_wait_sources_read();
     cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
 
-    // dQ = dS K (this warpgroup's half of D)
+    // dQ = dS K (this warpgroup's half of D), then dK += dS^T Q, which runs
+    // on while dQ is staged and the next step's S^T and dP^T are issued:
+    // its Q stage is released once the next step's first wait has seen it
+    // complete.
     Tensor acc_dq = partition_fragment_C(mma_dq, TileDq{});
     warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, ds_buffer),
                                       tDqrKt, acc_dq);
-    warpgroup_wait<0>();
+    warpgroup_gemm_issue<false, true>(mma_kv, tKVrdS, tKVrQt(_, _, _, stage),
+                                      acc_dk);
+    warpgroup_wait<1>();
     warpgroup_fence_operand(acc_dq);
-    warpgroup_fence_operand(acc_dk);
     warpgroup_fence_operand(acc_dv);
-    pipeline_q.consumer_release(read);  // Q, dO, stats of this step
 
     // dQ to the staging rows.
     {
@@ -532,9 +550,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       }
       consumer_semaphore_signal(sem, n_block + 1, tid);
     }
+    release = read;
+    release_pending = true;
     ++read;
     advance(h, m0);
   }
+  warpgroup_wait<0>();
+  release_previous();
   if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
   if (!p.deterministic && wg_tid < kBlockM) bulk_wait_all();
 

@@ -39,7 +39,7 @@ DECODE_TARGET = "jax_flash_decode"
 DTYPE_NAMES = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "fp16"}
 """Input dtypes the kernels take, with their names in the build info."""
 
-DEFAULT_SM90_DIRECTIONS: frozenset[str] = frozenset({"fwd"})
+DEFAULT_SM90_DIRECTIONS: frozenset[str] = frozenset({"fwd", "bwd"})
 """Directions whose sm90 kernels a 9.x GPU runs without being asked: those
 that have passed the GPU suite and compute-sanitizer on an sm90 GPU. A
 direction's sm90 kernel outside this set (one still being brought up) runs
