@@ -9,7 +9,9 @@ csrc/common/decode_params.h for the layouts and conventions). It serves:
   chosen in `lowering.forward_call` on local shapes, so the forward
   primitive's batching and sharding rules apply unchanged (its backward is
   the training kernel's, from the same out and lse);
-* `decode_call` with a block table, for paged caches.
+* `flash_attention_with_kv_cache`, contiguous or paged, through the
+  primitive of `decode_primitive` (its batching and sharding rules end in
+  `decode_call` on local shapes).
 
 It is chosen wherever it serves a call; JAX_FLASH_DECODE_KERNEL=0 turns it
 off (`enabled`), leaving short queries to the training kernel and paged

@@ -98,9 +98,9 @@ DECODE = CustomCall(
     optional=(("block_table", jnp.int32), ("alibi_slopes", jnp.float32)),
     results=("out", "lse", "workspace"),
     attributes=("softmax_scale", "window_left", "window_right", "softcap"),
-    # Called directly for paged caches: a vmap over them runs one call per
-    # element (a paged pool is shared by every row, so the rows of several
-    # vmapped calls cannot be folded into one batch).
+    # Made under the decoding primitive (decode_primitive.py), whose
+    # batching rule folds vmapped axes into one call; a direct vmapped call
+    # would run one call per element.
     vmap_method="sequential")
 
 

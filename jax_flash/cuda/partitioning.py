@@ -33,8 +33,12 @@ _DIMS = {
     "lse": "bhs", "dlse": "bhs", "alibi_slopes": "bh", "q_segment_ids": "bs",
     "kv_segment_ids": "bt", "q_lengths": "b", "kv_lengths": "b",
     "dq": "bshd", "dk": "btkd", "dv": "btke", "dalibi": "bh",
+    # The decoding call: a paged pool (n blocks of t positions) is shared by
+    # every row, so it is sharded over the KV heads alone; m indexes a row's
+    # block table.
+    "k_pool": "ntkd", "v_pool": "ntke", "block_table": "bm",
 }
-_REPLICATED = ("s", "t", "d", "e", "g")
+_REPLICATED = ("s", "t", "d", "e", "g", "n", "m")
 
 MeshAxes = Union[None, str, tuple[str, ...]]
 
@@ -52,6 +56,15 @@ def backward_names(mask_names: tuple[str, ...]
   if "alibi_slopes" in mask_names:
     results += ("dalibi",)
   return ("q", "k", "v", "out", "dout", "lse") + mask_names, results
+
+
+def decode_names(optional_names: tuple[str, ...]
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(operand names, result names) of the decoding call (its optional
+  operands: block_table, alibi_slopes)."""
+  cache = (("k_pool", "v_pool") if "block_table" in optional_names
+           else ("k", "v"))
+  return ("q",) + cache + ("kv_lengths",) + optional_names, ("out", "lse")
 
 
 Names = Callable[[tuple[str, ...]], tuple[tuple[str, ...], tuple[str, ...]]]

@@ -27,6 +27,7 @@ from jax_flash import dispatch
 from jax_flash.blockwise import blockwise_attention
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import decode as cuda_decode
+from jax_flash.cuda import decode_primitive
 from jax_flash.decode.paged import CacheAttend, over_cache
 from jax_flash.reference import reference_attention
 
@@ -36,11 +37,13 @@ def cuda_cache_attention(query: jax.Array, key_cache: jax.Array,
                          block_table: Optional[jax.Array],
                          config: AttentionConfig,
                          masks: MaskArrays) -> tuple[jax.Array, jax.Array]:
-  """The split-KV CUDA kernel as a `CacheAttend`: reads the cache in place."""
-  return cuda_decode.decode_call(query, key_cache, value_cache,
-                                 masks.kv_lengths, config=config,
-                                 block_table=block_table,
-                                 alibi_slopes=masks.alibi_slopes)
+  """The split-KV CUDA kernel as a `CacheAttend`: reads the cache in place
+  (batched, and sharded over batch rows and K/V heads, by the primitive's
+  rules)."""
+  return decode_primitive.decode_attention(query, key_cache, value_cache,
+                                           masks.kv_lengths, config=config,
+                                           block_table=block_table,
+                                           alibi_slopes=masks.alibi_slopes)
 
 
 def cuda_unsupported_reason(query: jax.Array, key_cache: jax.Array,
