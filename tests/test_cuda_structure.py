@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import random_qkv
 from jax_flash import cuda
 from jax_flash.config import AttentionConfig, MaskArrays
-from jax_flash.cuda import library, lowering, primitives
+from jax_flash.cuda import library, lowering, partitioning, primitives
 from jax_flash.reference import reference_attention
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -409,7 +409,9 @@ def _compile_and_run(shardy, fn, args):
     (P("data"), True),
     (P(None, "data"), False),    # sequence-sharded queries are gathered
 ])
-def test_sharded_inputs_run_locally(shardy, q_spec, local):
+def test_sharded_inputs_run_locally(shardy, q_spec, local, monkeypatch,
+                                    caplog):
+  monkeypatch.setattr(partitioning, "_logged_gathers", set())
   mesh = _cpu_mesh(jax.sharding.AxisType.Auto)
   q, k, v = random_qkv(1, 4, 16, 24, 8, 4, 32, dtype=jnp.bfloat16)
   dout = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape),
@@ -435,6 +437,10 @@ def test_sharded_inputs_run_locally(shardy, q_spec, local):
     assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, q_spec), 4)
   else:
     assert "all-gather" in hlo
+    # The gather is said, once, with the way around it.
+    said = [r.getMessage() for r in caplog.records
+            if "sharded over its sequence" in r.getMessage()]
+    assert len(said) == 1 and "ring_attention" in said[0], said
 
 
 @on_cpu

@@ -16,6 +16,7 @@ meshes in every JAX version).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -41,6 +42,17 @@ _DIMS = {
 _REPLICATED = ("s", "t", "d", "e", "g", "n", "m")
 
 MeshAxes = Union[None, str, tuple[str, ...]]
+
+logger = logging.getLogger("jax_flash")
+_logged_gathers: set[str] = set()
+
+
+def _log_gather_once(message: str) -> None:
+  """Says once per message that an operand is gathered for the kernels: the
+  program is right but holds whole arrays where the caller sharded them."""
+  if message not in _logged_gathers:
+    _logged_gathers.add(message)
+    logger.warning("jax_flash: %s", message)
 
 
 def forward_names(mask_names: tuple[str, ...]
@@ -108,6 +120,20 @@ def _local_axes(mesh, q_sharding, kv_heads: int, batch: int
   spec = tuple(q_sharding.spec) + (None,) * 4
   batch_axes = spec[0] if batch % _mesh_size(mesh, spec[0]) == 0 else None
   head_axes = spec[2] if kv_heads % _mesh_size(mesh, spec[2]) == 0 else None
+  if spec[1] is not None:
+    _log_gather_once(
+        f"the query is sharded over its sequence (mesh axes {spec[1]!r}); "
+        "the CUDA kernels gather it, since every query needs every key. "
+        "jax_flash.ring_attention under shard_map, or explicitly sharded "
+        "mesh axes, keep it sharded.")
+  for name, axes, kept, size in (("batch", spec[0], batch_axes, batch),
+                                 ("heads", spec[2], head_axes, kv_heads)):
+    if axes is not None and kept is None:
+      _log_gather_once(
+          f"the query's {name} dimension ({size}) is sharded over mesh axes "
+          f"{axes!r} of {_mesh_size(mesh, axes)} devices, which do not "
+          "divide it (heads: the KV heads); it is gathered for the CUDA "
+          "kernels.")
   return batch_axes, head_axes
 
 
