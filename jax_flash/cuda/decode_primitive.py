@@ -29,7 +29,7 @@ from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
 from jax_flash.config import AttentionConfig
-from jax_flash.cuda import partitioning
+from jax_flash.cuda import partitioning, primitives
 
 decode_p = Primitive("jax_flash_decode_attention")
 decode_p.multiple_results = True
@@ -73,57 +73,32 @@ def _abstract(q, k_cache, v_cache, kv_lengths, *optional, config,
 decode_p.def_abstract_eval(_abstract)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(config: AttentionConfig, mask_names: tuple[str, ...]
-              ) -> Callable:
-  return jax.jit(functools.partial(decode_p.bind, config=config,
-                                   mask_names=mask_names))
-
-
-decode_p.def_impl(lambda *args, config, mask_names: _compiled(
-    config, mask_names)(*args))
-
-
-def _fold(x: jax.Array, d: Optional[int], size: int) -> jax.Array:
-  """(size, B, ...) merged into (size * B, ...), broadcasting x if unmapped."""
-  x = jnp.broadcast_to(x, (size,) + x.shape) if d is None else jnp.moveaxis(
-      x, d, 0)
-  return x.reshape((size * x.shape[1],) + x.shape[2:])
+decode_p.def_impl(primitives.eager(decode_p))
 
 
 def _batching_rule(args: Sequence[jax.Array], dims: Sequence[Optional[int]],
                    *, config: AttentionConfig, mask_names: tuple[str, ...]):
   size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-  q, k_cache, v_cache, kv_lengths, *optional = args
-  q_dim, k_dim, v_dim, len_dim, *opt_dims = dims
-  paged = "block_table" in mask_names
-  folded_q = _fold(q, q_dim, size)
-  folded_lengths = _fold(kv_lengths, len_dim, size)
-  folded_optional = []
-  for name, x, d in zip(mask_names, optional, opt_dims):
-    folded_optional.append(_fold(x, d, size))
-  if not paged:
-    k_cache, v_cache = _fold(k_cache, k_dim, size), _fold(v_cache, v_dim,
-                                                          size)
-  elif k_dim is not None or v_dim is not None:
-    # One pool per element: stack them, and offset each element's block ids
-    # into its own pool.
-    num_blocks = k_cache.shape[0 if k_dim != 0 else 1]
-    k_cache, v_cache = _fold(k_cache, k_dim, size), _fold(v_cache, v_dim,
-                                                          size)
-    at = mask_names.index("block_table")
-    table = optional[at]
-    table = (jnp.broadcast_to(table, (size,) + table.shape)
-             if opt_dims[at] is None else jnp.moveaxis(table, opt_dims[at], 0))
-    offset = (jnp.arange(size, dtype=jnp.int32) * num_blocks)[:, None, None]
-    inside = (table >= 0) & (table < num_blocks)
-    table = jnp.where(inside, table + offset, -1)
-    folded_optional[at] = table.reshape((-1,) + table.shape[2:])
-  out, lse = decode_p.bind(folded_q, k_cache, v_cache, folded_lengths,
-                           *folded_optional, config=config,
-                           mask_names=mask_names)
-  return ([out.reshape((size, -1) + out.shape[1:]),
-           lse.reshape((size, -1) + lse.shape[1:])], [0, 0])
+  fold = lambda i: primitives.fold_into_batch(args[i], dims[i], size)
+  folded = [fold(i) for i in range(len(args))]
+  if "block_table" in mask_names:
+    k_dim, v_dim = dims[1], dims[2]
+    if k_dim is None and v_dim is None:
+      # One pool shared by every element: it is not folded.
+      folded[1], folded[2] = args[1], args[2]
+    else:
+      # One pool per element: stacked along the blocks (as folded), and
+      # each element's block ids offset into its own pool; ids outside a
+      # pool stay outside every pool.
+      num_blocks = args[1].shape[1 if k_dim == 0 else 0]
+      at = 4 + mask_names.index("block_table")
+      table = folded[at].reshape((size, -1) + folded[at].shape[1:])
+      offset = (jnp.arange(size, dtype=jnp.int32) * num_blocks)[:, None, None]
+      inside = (table >= 0) & (table < num_blocks)
+      folded[at] = jnp.where(inside, table + offset, -1).reshape(
+          folded[at].shape)
+  results = decode_p.bind(*folded, config=config, mask_names=mask_names)
+  return primitives.unfold_results(results, size)
 
 
 batching.primitive_batchers[decode_p] = _batching_rule

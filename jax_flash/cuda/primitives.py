@@ -11,7 +11,7 @@ call of `lowering`.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,14 +92,14 @@ def _compiled(primitive: Primitive, config: AttentionConfig,
                                    mask_names=mask_names))
 
 
-def _eager(primitive: Primitive):
+def eager(primitive: Primitive):
   """Outside jit, a primitive runs as its own one-op jitted program."""
   return lambda *args, config, mask_names: _compiled(
       primitive, config, mask_names)(*args)
 
 
-forward_p.def_impl(_eager(forward_p))
-backward_p.def_impl(_eager(backward_p))
+forward_p.def_impl(eager(forward_p))
+backward_p.def_impl(eager(backward_p))
 
 
 def _batching_rule(primitive: Primitive):
@@ -113,16 +113,27 @@ def _batching_rule(primitive: Primitive):
 
   def rule(args, dims, **params):
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
-    folded = []
-    for x, d in zip(args, dims):
-      x = (jnp.broadcast_to(x, (size,) + x.shape) if d is None
-           else jnp.moveaxis(x, d, 0))
-      folded.append(x.reshape((size * x.shape[1],) + x.shape[2:]))
-    results = primitive.bind(*folded, **params)
-    return ([r.reshape((size, -1) + r.shape[1:]) for r in results],
-            [0] * len(results))
+    results = primitive.bind(*(fold_into_batch(x, d, size)
+                               for x, d in zip(args, dims)), **params)
+    return unfold_results(results, size)
 
   return rule
+
+
+def fold_into_batch(x: jax.Array, dim: Optional[int], size: int) -> jax.Array:
+  """x with its vmapped axis `dim` (None: unmapped, broadcast first) moved
+  next to its leading batch axis and merged: (size, B, ...) -> (size * B,
+  ...)."""
+  x = (jnp.broadcast_to(x, (size,) + x.shape) if dim is None
+       else jnp.moveaxis(x, dim, 0))
+  return x.reshape((size * x.shape[1],) + x.shape[2:])
+
+
+def unfold_results(results: Sequence[jax.Array], size: int):
+  """A batching rule's answer for results of a folded call: (size * B, ...)
+  split back to (size, B, ...), mapped along axis 0."""
+  return ([r.reshape((size, -1) + r.shape[1:]) for r in results],
+          [0] * len(results))
 
 
 batching.primitive_batchers[forward_p] = _batching_rule(forward_p)
