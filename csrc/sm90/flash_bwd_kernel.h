@@ -12,9 +12,11 @@
 //     P^T = exp2(S^T scale - lse)        (registers; masks, score modifiers)
 //     dV += P^T dO                       (P^T from registers)
 //     dS^T = P^T (dP^T - delta)          (softcap's derivative, dalibi sums)
-//     dK += dS^T Q                       (dS^T from registers)
 //     dS^T to shared memory; dQ = dS K   (each warpgroup half of D, over all
 //                                         128 keys)
+//     dK += dS^T Q                       (dS^T from registers; runs on under
+//                                         the dQ staging and the next step's
+//                                         first GEMMs)
 //     dQ to shared memory (float32), added to the workspace row by row by
 //     the bulk-copy engine while the next step runs; in deterministic mode
 //     instead added with atomics in a fixed order between semaphores, as in
