@@ -109,13 +109,21 @@ struct AttentionMask {
                            : min(q_len, last_k - offset + window_left + 1);
   }
 
-  // What query i sees; no key for a query past q_len.
-  __device__ __forceinline__ MaskRow row(int i) const {
+  // What query i sees by position (causal, window, lengths; segment 0): all
+  // of its mask without segment ids. No key for a query past q_len.
+  __device__ __forceinline__ MaskRow row_by_position(int i) const {
     MaskRow r;
     r.key_begin = key_begin(i);
     r.key_end = i >= q_len ? 0
         : window_right < 0 ? kv_len
                            : min(kv_len, i + offset + window_right + 1);
+    r.segment = 0;
+    return r;
+  }
+
+  // What query i sees; no key for a query past q_len.
+  __device__ __forceinline__ MaskRow row(int i) const {
+    MaskRow r = row_by_position(i);
     r.segment = has_segments() && i < q_len ? q_segment_ids[i] : 0;
     return r;
   }

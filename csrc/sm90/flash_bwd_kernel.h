@@ -156,8 +156,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                            typename Traits::SmemLayoutKt{});
   Tensor sDs = make_tensor(make_smem_ptr(smem.ds.data()),
                            typename Traits::SmemLayoutDs{});
-  Tensor sDsT = make_tensor(make_smem_ptr(smem.ds.data()),
-                            typename Traits::SmemLayoutDsT{});
 
   const int m0_first = m_begin * kBlockM, m0_end = m_end * kBlockM;
   // Steps walk the group's query heads in turn, each over query tiles
@@ -259,8 +257,24 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                                  accumulator_rows_cols(sdp_coords.layout()));
   constexpr int kRows = decltype(size<0>(coords_rc))::value;  // keys
   constexpr int kCols = decltype(size<1>(coords_rc))::value;  // queries
-  // dS^T as this thread writes it: the same (key, query) positions.
-  Tensor tdSsDs = thr_sdp.partition_C(sDsT);  // (MMA, M, N, buffer)
+  // dS^T as this thread writes it: the same (key, query) positions. In
+  // SmemLayoutDs each key is one 128-byte row of 64 queries (the swizzle
+  // atom's row), swizzled by XOR of the key's low 3 bits into bits 4-6 of
+  // the byte offset. This thread's keys are k0 and k0 + 8 (k0 = its row of
+  // the accumulator), its queries 8 j + 2 (lane % 4) + {0, 1} for j < 8: the
+  // swizzle term is the same (k0 % 8 = lane / 4) for all, so the pair of
+  // column group j of key row r lies at (base + 1024 r) ^ (16 j), with base
+  // the swizzled offset of (k0, 2 (lane % 4)). A 64-bit swizzle per store
+  // otherwise costs about six instructions. (Checked against cute's layout
+  // for every thread by tests/csrc/check_bwd_ds_layout.cu.)
+  static_assert(kBlockM == 64 && sizeof(Element) == 2 && kRows == 2 &&
+                    kCols == 16,
+                "dS^T stores assume one 128-byte swizzle row per key");
+  const uint32_t ds_store_base = [&] {
+    const int lane = tid % 32, k0 = (tid / 32) * 16 + lane / 4;
+    return smem_addr(smem.ds.data()) +
+           ((k0 * 128 + 4 * (lane % 4)) ^ ((k0 % 8) << 4));
+  }();
 
   const ScoreMod score_mod_base = ScoreMod::make(p, b, h_kv * group, mask);
   const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
@@ -354,16 +368,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     // P^T = exp2(logit - lse) in place of S^T (0 where masked); with
     // kWithGrads (dP^T in already) also dS^T = P^T (dP^T - delta), through
     // softcap's derivative, in place of dP^T, and the dalibi sums.
-    auto probs = [&](auto masked_c, auto with_grads_c)
+    // kMasked: kSegments says whether segment ids take part (without them a
+    // masked tile tests only the positions, with no load per element).
+    auto probs = [&](auto masked_c, auto segments_c, auto with_grads_c)
         __attribute__((always_inline)) {
       constexpr bool kMasked = decltype(masked_c)::value;
+      constexpr bool kSegments = decltype(segments_c)::value;
       constexpr bool kWithGrads = decltype(with_grads_c)::value;
 #pragma unroll
       for (int c = 0; c < kCols; ++c) {
         const int i = m0 + get<1>(coords_rc(0, c));
         const float lse2 = stats[get<1>(coords_rc(0, c))].x;
         [[maybe_unused]] MaskRow row = {};
-        if constexpr (kMasked) row = mask.row(i);
+        if constexpr (kMasked) {
+          row = kSegments ? mask.row(i) : mask.row_by_position(i);
+        }
         [[maybe_unused]] float a0 = 0.f, a1 = 0.f, a2 = 0.f;
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
@@ -377,7 +396,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
             prob = exp2_approx(s_rc(r, c) * scale_log2 - lse2);
           }
           if constexpr (kMasked) {
-            if (!row.sees(j, smem.kv_segment[jt])) prob = 0.f;
+            const bool seen = kSegments ? row.sees(j, smem.kv_segment[jt])
+                                        : row.sees(j);
+            if (!seen) prob = 0.f;
           }
           s_rc(r, c) = prob;
           if constexpr (kWithGrads) {
@@ -403,11 +424,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
         }
       }
     };
+    // fn(masked, segments) for this tile.
     auto with_mask = [&](auto fn) __attribute__((always_inline)) {
-      if (tile_masked) {
-        fn(cute::true_type{});
+      if (!tile_masked) {
+        fn(cute::false_type{}, cute::false_type{});
+      } else if (mask.has_segments()) {
+        fn(cute::true_type{}, cute::true_type{});
       } else {
-        fn(cute::false_type{});
+        fn(cute::true_type{}, cute::false_type{});
       }
     };
     Tensor rP = make_tensor_like<Element>(acc_s);
@@ -427,7 +451,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       release_previous();
       warpgroup_fence_operand(acc_s);
       warpgroup_fence_operand(acc_dp);
-      with_mask([&](auto masked) { probs(masked, cute::true_type{}); });
+      with_mask([&](auto masked, auto segments) {
+        probs(masked, segments, cute::true_type{});
+      });
       convert(acc_s, rP);
       warpgroup_gemm_issue<false, true>(mma_kv, tKVrP,
                                         tKVrdOt(_, _, _, stage), acc_dv);
@@ -436,7 +462,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       warpgroup_wait<1>();  // S^T (and the previous dK) is in
       release_previous();
       warpgroup_fence_operand(acc_s);
-      with_mask([&](auto masked) { probs(masked, cute::false_type{}); });
+      with_mask([&](auto masked, auto segments) {
+        probs(masked, segments, cute::false_type{});
+      });
       convert(acc_s, rP);
       warpgroup_gemm_issue<false, true>(mma_kv, tKVrP,
                                         tKVrdOt(_, _, _, stage), acc_dv);
@@ -452,21 +480,19 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       }
     }
     convert(acc_dp, rdS);
-    // dS^T to shared memory, two adjacent queries per 32-bit store.
+    // dS^T to shared memory, two adjacent queries per 32-bit store, at
+    // addresses derived from one per thread (see ds_store_base).
     {
       Tensor rdS_rc =
           make_tensor(rdS.data(), accumulator_rows_cols(rdS.layout()));
-      Tensor dst = tdSsDs(_, _, _, ds_buffer);
-      Tensor dst_rc = make_tensor(dst.data(),
-                                  accumulator_rows_cols(dst.layout()));
+      const uint32_t base = ds_store_base + ds_buffer * Traits::kDsBufferBytes;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
 #pragma unroll
         for (int c = 0; c < kCols; c += 2) {
           Element pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
-          // A shared-space store (a generic one would go through L1TEX).
           asm volatile("st.shared.b32 [%0], %1;\n"
-                       :: "r"(smem_addr(&dst_rc(r, c))),
+                       :: "r"((base + r * 1024) ^ (16 * (c / 2))),
                           "r"(*reinterpret_cast<const uint32_t*>(pair))
                        : "memory");
         }

@@ -108,6 +108,11 @@ struct BwdKernelTraits {
       SmemLayoutDs{},
       cute::make_ordered_layout(cute::Shape<BlockN, BlockM, cute::_2>{},
                                 cute::Step<cute::_2, cute::_1, cute::_3>{})));
+  static constexpr uint32_t kDsBufferBytes =
+      kBlockM * kBlockN * static_cast<uint32_t>(sizeof(T));
+  static_assert(cute::cosize_v<SmemLayoutDs> * sizeof(T) ==
+                    2 * kDsBufferBytes,
+                "two dense dS buffers");
 
   // dQ of a step in float32, kBlockM rows of D, padded by 8 floats so that
   // the accumulator's float2 writes hit distinct banks; the bulk-copy engine

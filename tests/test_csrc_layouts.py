@@ -1,0 +1,36 @@
+"""Host-side checks of address arithmetic the CUDA kernels derive by hand.
+
+Each program in tests/csrc/ builds cute's layouts on the host and compares
+them with the kernels' shortcuts, for every thread. They need nvcc and the
+CUTLASS headers (nvidia-cutlass) but no GPU.
+"""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "build"))
+import build_cuda  # pylint: disable=wrong-import-position
+
+
+@pytest.mark.parametrize("program", ["check_bwd_ds_layout.cu"])
+def test_kernel_addresses_match_cute_layouts(program, tmp_path):
+  nvcc = build_cuda.find_nvcc()
+  if nvcc is None:
+    pytest.skip("nvcc not found")
+  dirs = build_cuda.include_dirs()
+  if "cutlass" not in dirs:
+    pytest.skip("nvidia-cutlass headers not installed")
+  binary = tmp_path / "check"
+  compiled = subprocess.run(
+      [nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-arch=sm_90a",
+       "-I", str(REPO / "csrc"), "-isystem", dirs["cutlass"],
+       str(REPO / "tests" / "csrc" / program), "-o", str(binary)],
+      capture_output=True, text=True, timeout=600)
+  assert compiled.returncode == 0, compiled.stderr[-3000:]
+  ran = subprocess.run([str(binary)], capture_output=True, text=True,
+                       timeout=60)
+  assert ran.returncode == 0, ran.stdout[-3000:]
+  assert "mismatches: 0" in ran.stdout
