@@ -16,6 +16,28 @@
 
 namespace jax_flash {
 
+// dalibi[b, h] from the rows' sums (above), by the first warp of the CTA
+// that calls it (the CTA of query block 0 of (b, h)).
+__device__ __forceinline__ void reduce_dalibi_rows(const BwdParams& p,
+                                                   const BwdScratch& s,
+                                                   int64_t bh) {
+  if (p.dalibi == nullptr || threadIdx.x >= 32) return;
+  // One warp, fixed lane strides and shuffle tree: the same order on
+  // every run.
+  float total = 0.f;
+  for (int i = threadIdx.x; i < p.seqlen_q; i += 32) {
+    const int64_t row = bh * p.seqlen_q + i;
+    const float4 r = s.dalibi_rows[row];
+    const float delta = p.dlse != nullptr ? r.z - p.dlse[row] : r.z;
+    total += delta * r.y - r.x;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    total += __shfl_xor_sync(0xffffffffu, total, off);
+  }
+  if (threadIdx.x == 0) p.dalibi[bh] = total;
+}
+
 // One CTA of 256 threads per (block of kRows query rows, b, h): the rows'
 // dq_accum is one contiguous block, read 16 bytes per thread with every load
 // of a thread issued before its first store.
@@ -51,22 +73,7 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
                      pack2<T>(v[k].z * scale, v[k].w * scale));
     }
   }
-  if (p.dalibi != nullptr && blockIdx.x == 0 && threadIdx.x < 32) {
-    // One warp, fixed lane strides and shuffle tree: the same order on
-    // every run.
-    float total = 0.f;
-    for (int i = threadIdx.x; i < p.seqlen_q; i += 32) {
-      const int64_t row = bh * p.seqlen_q + i;
-      const float4 r = s.dalibi_rows[row];
-      const float delta = p.dlse != nullptr ? r.z - p.dlse[row] : r.z;
-      total += delta * r.y - r.x;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      total += __shfl_xor_sync(0xffffffffu, total, off);
-    }
-    if (threadIdx.x == 0) p.dalibi[bh] = total;
-  }
+  if (blockIdx.x == 0) reduce_dalibi_rows(p, s, bh);
 }
 
 }  // namespace jax_flash

@@ -11,7 +11,7 @@ namespace jax_flash {
 
 // Pointers into the workspace operand, from `BwdWorkspaceLayout`.
 struct BwdScratch {
-  float* dq_accum;       // (B, H, Sq, D)
+  float* dq_accum;       // (B, H, Sq, D), or tiles when dq_tiled
   float* delta;          // (B, H, Sq)
   int* dq_semaphore;     // (B, H, num_m_blocks); nullptr unless deterministic
   float4* dalibi_rows;   // (B, H, Sq)
@@ -21,6 +21,10 @@ struct BwdScratch {
   // The main kernel stages dQ in shared memory for the bulk-copy engine
   // (flash_bwd_kernel.h); set by the launch, which sized shared memory so.
   bool dq_staged = false;
+  // dq_accum holds whole tiles of kRows rows at the pitch
+  // row_stats_pitch(Sq) (the sm90 kernel's order, sm90/bwd_dq_tile.h): the
+  // preprocess zeroes whole tiles, padding rows included.
+  bool dq_tiled = false;
 
   static BwdScratch make(const BwdParams& p) {
     const BwdWorkspaceLayout w = BwdWorkspaceLayout::make(
@@ -31,7 +35,8 @@ struct BwdScratch {
             p.deterministic ? reinterpret_cast<int*>(base + w.dq_semaphore)
                             : nullptr,
             reinterpret_cast<float4*>(base + w.dalibi_rows),
-            reinterpret_cast<float2*>(base + w.row_stats), false, false};
+            reinterpret_cast<float2*>(base + w.row_stats), false, false,
+            false};
   }
 };
 
@@ -105,10 +110,12 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
           make_float2(INFINITY, 0.f);
     }
   }
-  // Rows [m0, min(m0 + kRows, Sq)) of dq_accum: one contiguous block.
-  const int rows = min(kRows, p.seqlen_q - m0);
+  // Rows [m0, min(m0 + kRows, Sq)) of dq_accum (the whole tile when tiled):
+  // one contiguous block.
+  const int rows = s.dq_tiled ? kRows : min(kRows, p.seqlen_q - m0);
+  const int64_t pitch = s.dq_tiled ? row_stats_pitch(p.seqlen_q) : p.seqlen_q;
   float4* acc = reinterpret_cast<float4*>(s.dq_accum +
-                                          (bh * p.seqlen_q + m0) * kHeadDim);
+                                          (bh * pitch + m0) * kHeadDim);
   constexpr int kVecsPerRow = kHeadDim / 4;
 #pragma unroll
   for (int k = 0; k < kRows * kVecsPerRow / kThreads; ++k) {

@@ -34,7 +34,10 @@ constexpr int64_t row_stats_pitch(int64_t seqlen_q) {
 }
 
 struct BwdWorkspaceLayout {
-  int64_t dq_accum = 0;   // f32 (B, H, Sq, D): dQ summed over key tiles
+  // f32: dQ summed over key tiles, (B, H, round_up(Sq, 128), D); the sm80
+  // kernel keeps rows (B, H, Sq, D) in it, the sm90 kernel 64-row tiles at
+  // the padded pitch in its own order (sm90/bwd_dq_tile.h).
+  int64_t dq_accum = 0;
   int64_t delta = 0;      // f32 (B, H, Sq): rowsum(dO * O)
   int64_t dq_semaphore = 0;  // s32 (B, H, Sq / kBlockM): deterministic order
   // f32x4 (B, H, Sq): per query row, (sum P dP |d|, sum P |d|, sum P dP, -)
@@ -55,7 +58,7 @@ struct BwdWorkspaceLayout {
     BwdWorkspaceLayout w;
     int64_t at = 0;
     w.dq_accum = at;
-    at += align(rows * head_dim * 4);
+    at += align(batch * num_heads * row_stats_pitch(seqlen_q) * head_dim * 4);
     w.delta = at;
     at += align(rows * 4);
     w.dq_semaphore = at;

@@ -17,10 +17,11 @@
 //     dK += dS^T Q                       (dS^T from registers; runs on under
 //                                         the dQ staging and the next step's
 //                                         first GEMMs)
-//     dQ to shared memory (float32), added to the workspace row by row by
-//     the bulk-copy engine while the next step runs; in deterministic mode
-//     instead added with atomics in a fixed order between semaphores, as in
-//     the sm80 kernel (flash_bwd_kernel.h there).
+//     dQ to shared memory (float32, the tile order of bwd_dq_tile.h), each
+//     warpgroup's half added to the workspace by one bulk reduction while
+//     the next step runs; in deterministic mode instead added with atomics
+//     in a fixed order between semaphores, as in the sm80 kernel
+//     (flash_bwd_kernel.h there).
 // The epilogue writes dK (times the softmax scale) and dV from registers.
 #pragma once
 
@@ -266,7 +267,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   // column group j of key row r lies at (base + 1024 r) ^ (16 j), with base
   // the swizzled offset of (k0, 2 (lane % 4)). A 64-bit swizzle per store
   // otherwise costs about six instructions. (Checked against cute's layout
-  // for every thread by tests/csrc/check_bwd_ds_layout.cu.)
+  // for every thread by tests/csrc/check_bwd_layouts.cu.)
   static_assert(kBlockM == 64 && sizeof(Element) == 2 && kRows == 2 &&
                     kCols == 16,
                 "dS^T stores assume one 128-byte swizzle row per key");
@@ -314,9 +315,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   smem.kv_full.wait(0);
   typename Pipeline::PipelineState read;
   int h = h_kv * group, m0 = m0_first;
-  // The dQ rows this thread's bulk additions cover (threads with wg_tid <
-  // kBlockM, one row each, of their warpgroup's half of D).
-  constexpr int kHalfD = kHeadDim / 2;
+  constexpr int kHalfD = kHeadDim / 2;  // dQ columns of each warpgroup
   for (int step = 0; step < num_steps; ++step) {
     const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
     const int stage = read.index();
@@ -499,8 +498,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       }
     }
     cutlass::arch::fence_view_async_shared();  // dS^T for wgmma's reads
-    // The previous step's bulk additions have read the dQ staging rows.
-    if (wg_tid < kBlockM) bulk_wait_sources_read();
+    // The previous step's bulk addition has read the dQ staging tile.
+    if (wg_tid == 0) bulk_wait_sources_read();
     cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
 
     // dQ = dS K (this warpgroup's half of D), then dK += dS^T Q, which runs
@@ -516,36 +515,26 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(acc_dv);
 
-    // dQ to the staging rows.
-    {
-      Tensor dq_coords =
-          thr_dq.partition_C(make_identity_tensor(TileDq{}));
-      Tensor dq_coords_rc = make_tensor(
-          dq_coords.data(), accumulator_rows_cols(dq_coords.layout()));
-      Tensor dq_rc = make_tensor(acc_dq.data(),
-                                 accumulator_rows_cols(acc_dq.layout()));
+    // dQ to this warpgroup's half of the staging tile, float4 j of the
+    // accumulator at (j * 128 + wg_tid) * 4 (bwd_dq_tile.h).
+    float* dq_stage = smem.dq + wg * kBlockM * kHalfD;
+    static_assert(size(decltype(acc_dq){}) == 4 * (kHalfD / 8),
+                  "one float4 per 8-column group");
 #pragma unroll
-      for (int r = 0; r < size<0>(dq_rc); ++r) {
-#pragma unroll
-        for (int c = 0; c < size<1>(dq_rc); c += 2) {
-          const int row = get<0>(dq_coords_rc(r, c));
-          const int col = get<1>(dq_coords_rc(r, c));
-          *reinterpret_cast<float2*>(&smem.dq[row * Traits::kDqPitch + col]) =
-              make_float2(dq_rc(r, c), dq_rc(r, c + 1));
-        }
-      }
+    for (int j = 0; j < kHalfD / 8; ++j) {
+      *reinterpret_cast<float4*>(dq_stage + (j * 128 + wg_tid) * 4) =
+          make_float4(acc_dq(4 * j), acc_dq(4 * j + 1), acc_dq(4 * j + 2),
+                      acc_dq(4 * j + 3));
     }
+    // This query tile's block of dq_accum, in the same order.
     float* dq_accum_tile =
-        scratch.dq_accum + (bh * p.seqlen_q + m0) * kHeadDim;
-    const int rows_here = min(kBlockM, p.seqlen_q - m0);
+        scratch.dq_accum + (bh * row_stats_pitch(p.seqlen_q) + m0) * kHeadDim;
     if (!p.deterministic) {
       fence_shared_for_bulk_copy();
       cutlass::arch::NamedBarrier::sync(128, kBarrierDqStaged + wg);
-      if (wg_tid < rows_here) {
-        bulk_add_f32(dq_accum_tile + wg_tid * kHeadDim + wg * kHalfD,
-                     smem_addr(&smem.dq[wg_tid * Traits::kDqPitch +
-                                        wg * kHalfD]),
-                     kHalfD * 4);
+      if (wg_tid == 0) {
+        bulk_add_f32(dq_accum_tile + wg * kBlockM * kHalfD,
+                     smem_addr(dq_stage), kBlockM * kHalfD * 4);
         bulk_commit();
       }
     } else {
@@ -553,15 +542,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       consumer_semaphore_wait(sem, n_block, tid);  // also: dQ staged
       // Every element once, by a fixed thread, in a fixed order.
       constexpr int kVecs = kBlockM * kHeadDim / 4;
+      static_assert(kVecs % 256 == 0, "whole passes");
+#pragma unroll 4
       for (int v = tid; v < kVecs; v += 256) {
-        const int row = v / (kHeadDim / 4), col = (v % (kHeadDim / 4)) * 4;
-        if (row < rows_here) {
-          const float4 x =
-              *reinterpret_cast<const float4*>(&smem.dq[row * Traits::kDqPitch + col]);
-          atomicAdd(reinterpret_cast<float4*>(dq_accum_tile + row * kHeadDim + col),
-                    x);
-        }
+        atomicAdd(reinterpret_cast<float4*>(dq_accum_tile) + v,
+                  reinterpret_cast<const float4*>(smem.dq)[v]);
       }
+      const int rows_here = min(kBlockM, p.seqlen_q - m0);
       if (want_dalibi && tid < rows_here) {
         float4 sum = smem.alibi[0][tid];
 #pragma unroll
@@ -586,7 +573,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   warpgroup_wait<0>();
   release_previous();
   if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
-  if (!p.deterministic && wg_tid < kBlockM) bulk_wait_all();
+  if (!p.deterministic && wg_tid == 0) bulk_wait_all();
 
   // dK = softmax_scale * dS^T Q (the scale of the logits), dV as summed.
   Tensor kv_coords = thr_kv.partition_C(make_identity_tensor(TileKV{}));

@@ -22,6 +22,7 @@
 #include <cutlass/gemm/collective/builders/sm90_common.inl>
 #include <cutlass/pipeline/pipeline.hpp>
 
+#include "sm90/bwd_dq_tile.h"
 #include "sm90/bwd_tile_size.h"
 
 namespace jax_flash {
@@ -114,10 +115,11 @@ struct BwdKernelTraits {
                     2 * kDsBufferBytes,
                 "two dense dS buffers");
 
-  // dQ of a step in float32, kBlockM rows of D, padded by 8 floats so that
-  // the accumulator's float2 writes hit distinct banks; the bulk-copy engine
-  // adds it to the workspace row by row.
-  static constexpr int kDqPitch = kHeadDim + 8;
+  // dQ of a step in float32, in the tile order of bwd_dq_tile.h (one
+  // contiguous half per consumer warpgroup, added to the workspace by one
+  // bulk reduction each).
+  static_assert(kBlockM == kDqTileRows && kHeadDim % 16 == 0,
+                "bwd_dq_tile.h: 64-row tiles, 8-column groups per half");
 
   using GmemShape = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
   using GmemStride = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
@@ -148,7 +150,7 @@ struct BwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutDs>> ds;
-    alignas(16) float dq[kBlockM * kDqPitch];
+    alignas(128) float dq[kBlockM * kHeadDim];
     alignas(16) float2 stats[kStages][kBlockM];
     // dalibi: per warp (8) and query column, (sum P dP |d|, sum P |d|,
     // sum P dP) over the warp's keys.

@@ -1,7 +1,7 @@
 // Launches the sm90 backward for one (dtype, head dim): the preprocess
-// (delta, the rows' (lse log2 e, delta) for the bulk loads, zeroed scratch),
-// the main kernel (flash_bwd_kernel.h) and the dQ/dalibi convert, the first
-// and last shared with the sm80 backward.
+// (delta, the rows' (lse log2 e, delta) for the bulk loads, zeroed scratch;
+// shared with the sm80 backward), the main kernel (flash_bwd_kernel.h) and
+// the dQ/dalibi convert of dQ's tile order (flash_bwd_convert.h).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,8 +10,9 @@
 
 #include "common/flash.h"
 #include "common/utils.h"
-#include "sm80/flash_bwd_convert.h"
 #include "sm80/flash_bwd_preprocess.h"
+#include "sm90/bwd_dq_tile.h"
+#include "sm90/flash_bwd_convert.h"
 #include "sm90/flash_bwd_kernel.h"
 #include "sm90/flash_bwd_kernel_traits.h"
 #include "sm90/flash_fwd_launch_template.h"  // gmem_tensor
@@ -54,8 +55,10 @@ int run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
   using T = typename Traits::T;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kBlockM = Traits::kBlockM;
+  static_assert(kBlockM == kDqTileRows, "dQ tiles are query tiles");
   BwdScratch scratch = BwdScratch::make(p);
   scratch.write_row_stats = true;
+  scratch.dq_tiled = true;
   const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
   const int num_n_blocks = ceil_div(p.seqlen_k, Traits::kBlockN);
   const dim3 row_grid(num_m_blocks, p.batch, p.num_heads);
@@ -82,7 +85,7 @@ int run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
     if (cudaPeekAtLastError() != cudaSuccess) return 0;
   }
 
-  bwd_convert_dq_kernel<T, kHeadDim, kBlockM>
+  bwd_convert_dq_tiled_kernel<T, kHeadDim>
       <<<row_grid, 256, 0, stream>>>(p, scratch);
   return 0;
 }
