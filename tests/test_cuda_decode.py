@@ -181,3 +181,40 @@ def test_kv_cache_api_runs_the_kernel(block_size):
   np.testing.assert_allclose(np.asarray(got.out, np.float32),
                              np.asarray(want.out, np.float32), atol=2e-2)
   np.testing.assert_allclose(got.lse, want.lse, atol=1e-3)
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_vmap_of_the_cache_api_is_one_kernel_call(block_size):
+  # Two elements, each its own queries, lengths and cache (a paged one with
+  # its own pool and block table): the vmap folds into one kernel launch
+  # and equals the per-element calls.
+  import jax_flash  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(11)
+  batch, capacity, sq = 2, 256, 1
+  parts = [_inputs(20 + e, batch, sq, capacity, 8, 2, 128) for e in range(2)]
+  q, k, v = (jnp.stack([p[i] for p in parts]) for i in range(3))
+  lengths = jnp.array([[5, capacity], [0, 130]], jnp.int32)
+  tables = None
+  if block_size is not None:
+    orders = [rng.permutation(batch * capacity // block_size)
+              for _ in range(2)]
+    tables = jnp.stack([jnp.asarray(o.reshape(batch, -1), jnp.int32)
+                        for o in orders])
+    k = jnp.stack([_paged(k[e], block_size, orders[e]) for e in range(2)])
+    v = jnp.stack([_paged(v[e], block_size, orders[e]) for e in range(2)])
+
+  def attend(q, k, v, n, table):
+    return jax_flash.flash_attention_with_kv_cache(
+        q, k, v, cache_seq_lengths=n, block_table=table, causal=True,
+        implementation="cuda").out
+
+  args = (q, k, v, lengths, tables)
+  in_axes = (0, 0, 0, 0, None if tables is None else 0)
+  batched = jax.jit(jax.vmap(attend, in_axes=in_axes))
+  assert batched.lower(*args).as_text().count("jax_flash_decode") == 1
+  got = batched(*args)
+  for e in range(2):
+    want = attend(q[e], k[e], v[e], lengths[e],
+                  None if tables is None else tables[e])
+    np.testing.assert_allclose(np.asarray(got[e], np.float32),
+                               np.asarray(want, np.float32), atol=1e-2)

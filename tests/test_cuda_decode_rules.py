@@ -33,6 +33,16 @@ def _reference_decode(q, k_cache, v_cache, kv_lengths, *optional, config,
 
 decode_primitive.register_lowering(_reference_decode, "cpu")
 
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu():
+  """Unplaced arrays and eager calls on the CPU devices (also where a GPU is
+  the default backend), so that the CPU lowering above runs."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    yield
+
+
 CONFIG = AttentionConfig(softmax_scale=0.25, causal=True)
 BATCH, SQ, HEADS, KV_HEADS, D, BLOCK, PER_ROW = 4, 2, 8, 4, 16, 8, 3
 

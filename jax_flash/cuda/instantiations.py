@@ -16,12 +16,12 @@ DIRECTION_HEAD_DIMS = {"decode": (64, 128, 256)}
 reads K/V caches in place, so a head dim it lacks is not padded (that would
 copy the cache) but served by the forward kernel instead."""
 
-ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (128,)}
+ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (64, 128)}
 """(arch, direction) pairs built for fewer head dims than their direction.
-The sm90 backward is built at D = 128, where it runs 1.4x the sm80 one on an
-H200; it also compiles at D = 64 (csrc/sm90/bwd_tile_size.h) but measured
-0.95x the sm80 backward there (docs/performance.md), so that head dim, like
-the others, runs the sm80 backward on sm90 GPUs."""
+The sm90 backward is built at D = 64 and 128 (csrc/sm90/bwd_tile_size.h),
+where it runs 1.4-1.5x and 1.7-1.9x the sm80 one on an H200
+(docs/performance.md); the other head dims run the sm80 backward on sm90
+GPUs."""
 
 KERNEL_ARCHS = (80, 90)
 """The architectures kernels are written for, the first axis of every

@@ -85,7 +85,8 @@ int dq_mismatches() {
 int main() {
   const int ds = ds_mismatches<__nv_bfloat16>() + ds_mismatches<__half>();
   const int dq = dq_mismatches<__nv_bfloat16, 128>() +
-                 dq_mismatches<__half, 128>();
+                 dq_mismatches<__half, 128>() +
+                 dq_mismatches<__nv_bfloat16, 64>();
   std::printf("dS^T store address mismatches: %d\n", ds);
   std::printf("dQ tile order mismatches: %d\n", dq);
   return ds == 0 && dq == 0 ? 0 : 1;
