@@ -110,7 +110,7 @@ def compile_flags(archs: Sequence[int], csrc: pathlib.Path = CSRC,
   """
   if system_dirs is None:
     system_dirs = list(include_dirs().values())
-  flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+  flags = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr",
            "-Xcompiler", "-fPIC", "-I", str(csrc), "-I", str(generated),
            f"-DJAX_FLASH_CUDA_ARCHS=\"{','.join(map(str, archs))}\""]
   for d in system_dirs:

@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "common/flash.h"
+#include "common/utils.h"
 
 namespace jax_flash {
 
@@ -107,6 +108,21 @@ struct AttentionMask {
     const int last_k = min(n1, kv_len) - 1;
     return window_left < 0 ? q_len
                            : min(q_len, last_k - offset + window_left + 1);
+  }
+
+  // Query tiles [*m_begin, *m_end) of block_m rows hold every query that
+  // sees some key of the key tile [n0, n1); empty (0, 0) when none does.
+  // The backward kernels walk these tiles for one key tile.
+  __device__ __forceinline__ void query_tiles(int n0, int n1, int block_m,
+                                              int* m_begin, int* m_end) const {
+    *m_begin = 0;
+    *m_end = 0;
+    if (n0 >= kv_len) return;
+    const int q_begin = query_begin(n0), q_end = query_end(n1);
+    if (q_begin < q_end) {
+      *m_begin = q_begin / block_m;
+      *m_end = ceil_div(q_end, block_m);
+    }
   }
 
   // What query i sees by position (causal, window, lengths; segment 0): all

@@ -166,15 +166,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   const AttentionMask mask = AttentionMask::make(p, b);
 
   // Query tiles [m_begin, m_end) see some key of this tile.
-  int m_begin = 0, m_end = 0;
-  if (n0 < mask.kv_len) {
-    const int q_begin = mask.query_begin(n0);
-    const int q_end = mask.query_end(n0 + kBlockN);
-    if (q_begin < q_end) {
-      m_begin = q_begin / kBlockM;
-      m_end = ceil_div(q_end, kBlockM);
-    }
-  }
+  int m_begin, m_end;
+  mask.query_tiles(n0, n0 + kBlockN, kBlockM, &m_begin, &m_end);
   const int steps_per_head = m_end - m_begin;
   const int num_steps = group * steps_per_head;
 

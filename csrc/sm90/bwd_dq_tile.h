@@ -16,6 +16,14 @@ namespace sm90 {
 
 constexpr int kDqTileRows = 64;
 
+// Flat float index of float4 j of warpgroup thread t in half `half` of a dQ
+// tile with head dim D: where the kernel stages that part of the
+// accumulator.
+template <int kHeadDim>
+__host__ __device__ constexpr int dq_tile_index(int half, int j, int t) {
+  return half * kDqTileRows * (kHeadDim / 2) + (j * 128 + t) * 4;
+}
+
 // (row, column) of flat float index `f` of a dQ tile with head dim D.
 template <int kHeadDim>
 __host__ __device__ constexpr void dq_tile_position(int f, int* row,

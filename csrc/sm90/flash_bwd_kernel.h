@@ -112,18 +112,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   const AttentionMask mask = AttentionMask::make(p, b);
 
   // Query tiles [m_begin, m_end) see some key of this tile.
-  int m_begin = 0, m_end = 0;
-  if (n0 < mask.kv_len) {
-    const int q_begin = mask.query_begin(n0);
-    const int q_end = mask.query_end(n0 + kBlockN);
-    if (q_begin < q_end) {
-      m_begin = q_begin / kBlockM;
-      m_end = ceil_div(q_end, kBlockM);
-    }
-  }
+  int m_begin, m_end;
+  mask.query_tiles(n0, n0 + kBlockN, kBlockM, &m_begin, &m_end);
   const int steps_per_head = m_end - m_begin;
   const int num_steps = group * steps_per_head;
-  const int warpgroup = threadIdx.x / 128;
+  // Warp-uniform (a shuffle from lane 0): kept in a uniform register, where
+  // threadIdx.x / 128 is re-read from the special register at every use
+  // under register pressure.
+  const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
 
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kStepBytes;
@@ -258,24 +254,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                                  accumulator_rows_cols(sdp_coords.layout()));
   constexpr int kRows = decltype(size<0>(coords_rc))::value;  // keys
   constexpr int kCols = decltype(size<1>(coords_rc))::value;  // queries
-  // dS^T as this thread writes it: the same (key, query) positions. In
-  // SmemLayoutDs each key is one 128-byte row of 64 queries (the swizzle
-  // atom's row), swizzled by XOR of the key's low 3 bits into bits 4-6 of
-  // the byte offset. This thread's keys are k0 and k0 + 8 (k0 = its row of
-  // the accumulator), its queries 8 j + 2 (lane % 4) + {0, 1} for j < 8: the
-  // swizzle term is the same (k0 % 8 = lane / 4) for all, so the pair of
-  // column group j of key row r lies at (base + 1024 r) ^ (16 j), with base
-  // the swizzled offset of (k0, 2 (lane % 4)). A 64-bit swizzle per store
-  // otherwise costs about six instructions. (Checked against cute's layout
-  // for every thread by tests/csrc/check_bwd_layouts.cu.)
   static_assert(kBlockM == 64 && sizeof(Element) == 2 && kRows == 2 &&
                     kCols == 16,
                 "dS^T stores assume one 128-byte swizzle row per key");
-  const uint32_t ds_store_base = [&] {
-    const int lane = tid % 32, k0 = (tid / 32) * 16 + lane / 4;
-    return smem_addr(smem.ds.data()) +
-           ((k0 * 128 + 4 * (lane % 4)) ^ ((k0 % 8) << 4));
-  }();
+  // dS^T store addresses: one base per thread (Traits::ds_store_base).
+  const uint32_t ds_store_base =
+      smem_addr(smem.ds.data()) + Traits::ds_store_base(tid);
 
   const ScoreMod score_mod_base = ScoreMod::make(p, b, h_kv * group, mask);
   const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
@@ -491,7 +475,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
         for (int c = 0; c < kCols; c += 2) {
           Element pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
           asm volatile("st.shared.b32 [%0], %1;\n"
-                       :: "r"((base + r * 1024) ^ (16 * (c / 2))),
+                       :: "r"(Traits::ds_store_offset(base, r, c / 2)),
                           "r"(*reinterpret_cast<const uint32_t*>(pair))
                        : "memory");
         }
@@ -516,13 +500,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     warpgroup_fence_operand(acc_dv);
 
     // dQ to this warpgroup's half of the staging tile, float4 j of the
-    // accumulator at (j * 128 + wg_tid) * 4 (bwd_dq_tile.h).
-    float* dq_stage = smem.dq + wg * kBlockM * kHalfD;
+    // accumulator at dq_tile_index (bwd_dq_tile.h).
+    const int dq_half = dq_tile_index<kHeadDim>(wg, 0, 0);
     static_assert(size(decltype(acc_dq){}) == 4 * (kHalfD / 8),
                   "one float4 per 8-column group");
 #pragma unroll
     for (int j = 0; j < kHalfD / 8; ++j) {
-      *reinterpret_cast<float4*>(dq_stage + (j * 128 + wg_tid) * 4) =
+      *reinterpret_cast<float4*>(smem.dq +
+                                 dq_tile_index<kHeadDim>(wg, j, wg_tid)) =
           make_float4(acc_dq(4 * j), acc_dq(4 * j + 1), acc_dq(4 * j + 2),
                       acc_dq(4 * j + 3));
     }
@@ -533,8 +518,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       fence_shared_for_bulk_copy();
       cutlass::arch::NamedBarrier::sync(128, kBarrierDqStaged + wg);
       if (wg_tid == 0) {
-        bulk_add_f32(dq_accum_tile + wg * kBlockM * kHalfD,
-                     smem_addr(dq_stage), kBlockM * kHalfD * 4);
+        bulk_add_f32(dq_accum_tile + dq_half, smem_addr(smem.dq + dq_half),
+                     kBlockM * kHalfD * 4);
         bulk_commit();
       }
     } else {

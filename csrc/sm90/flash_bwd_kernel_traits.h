@@ -115,6 +115,29 @@ struct BwdKernelTraits {
                     2 * kDsBufferBytes,
                 "two dense dS buffers");
 
+  // dS^T as consumer thread `tid` stores it: the same (key, query)
+  // positions as its MmaSdP accumulator. In SmemLayoutDs each key is one
+  // 128-byte row of 64 queries (the swizzle atom's row), swizzled by XOR of
+  // the key's low 3 bits into bits 4-6 of the byte offset. The thread's keys
+  // are k0 and k0 + 8 (k0 = its accumulator row), its queries
+  // 8 j + 2 (lane % 4) + {0, 1} for j < 8: the swizzle term is the same
+  // (k0 % 8 = lane / 4) for all, so the pair j of key row r lies at
+  // ds_store_offset(base, r, j) = (base + 1024 r) ^ (16 j), with base the
+  // swizzled offset of (k0, 2 (lane % 4)). A 64-bit swizzle per store
+  // otherwise costs about six instructions. Byte offsets from the start of
+  // buffer 0; tests/csrc/check_bwd_layouts.cu checks both against cute's
+  // layout for every thread.
+  static __host__ __device__ constexpr uint32_t ds_store_base(int tid) {
+    const int lane = tid % 32, k0 = (tid / 32) * 16 + lane / 4;
+    return static_cast<uint32_t>((k0 * 128 + 4 * (lane % 4)) ^
+                                 ((k0 % 8) << 4));
+  }
+  static __host__ __device__ constexpr uint32_t ds_store_offset(uint32_t base,
+                                                                int r,
+                                                                int pair) {
+    return (base + 1024u * r) ^ (16u * pair);
+  }
+
   // dQ of a step in float32, in the tile order of bwd_dq_tile.h (one
   // contiguous half per consumer warpgroup, added to the workspace by one
   // bulk reduction each).

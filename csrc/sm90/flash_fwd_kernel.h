@@ -160,7 +160,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   }
   const int n_lo = key_lo / kBlockN;
   const int n_hi = (key_hi - 1) / kBlockN;
-  const int warpgroup = threadIdx.x / 128;
+  // Warp-uniform (a shuffle from lane 0): kept in a uniform register, where
+  // threadIdx.x / 128 is re-read from the special register at every use
+  // under register pressure.
+  const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
 
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kKVTileBytes;

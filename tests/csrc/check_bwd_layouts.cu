@@ -1,13 +1,12 @@
 // Host checks of the sm90 backward's hand-derived addresses, for every
-// consumer thread:
+// consumer thread, through the same functions the kernel calls:
 // - dS^T stores: for both buffers and every element pair a thread stores,
-//   the address the kernel derives from one base per thread
-//   (flash_bwd_kernel.h, ds_store_base) equals the byte offset cute's
-//   SmemLayoutDsT gives that (key, query) position of MmaSdP's accumulator;
+//   the address BwdKernelTraits::ds_store_base and ds_store_offset give
+//   equals the byte offset cute's SmemLayoutDsT gives that (key, query)
+//   position of MmaSdP's accumulator;
 // - dQ tile order: the float a thread stores for each value of its MmaDq
-//   accumulator (flash_bwd_kernel.h) is the one dq_tile_position
-//   (bwd_dq_tile.h, read by the convert kernel) names that value's
-//   (query, column).
+//   accumulator (dq_tile_index, bwd_dq_tile.h) is the one dq_tile_position
+//   (read by the convert kernel) names that value's (query, column).
 // Prints the number of mismatches and exits non-zero when there is any.
 #include <cstdint>
 #include <cstdio>
@@ -29,8 +28,7 @@ int ds_mismatches() {
   int bad = 0;
   for (int tid = 0; tid < Traits::kConsumerThreads; ++tid) {
     Tensor mine = mma.get_thread_slice(tid).partition_C(sDsT);
-    const int lane = tid % 32, k0 = (tid / 32) * 16 + lane / 4;
-    const uint32_t base = (k0 * 128 + 4 * (lane % 4)) ^ ((k0 % 8) << 4);
+    const uint32_t base = Traits::ds_store_base(tid);
     for (int buffer = 0; buffer < 2; ++buffer) {
       Tensor dst = mine(_, _, _, buffer);
       Tensor rc = make_tensor(dst.data(),
@@ -40,8 +38,8 @@ int ds_mismatches() {
           const auto want = static_cast<uint32_t>(
               reinterpret_cast<const char*>(&rc(r, c)) -
               reinterpret_cast<const char*>(tile));
-          const uint32_t got =
-              (base + buffer * Traits::kDsBufferBytes + r * 1024) ^ (16 * (c / 2));
+          const uint32_t got = Traits::ds_store_offset(
+              base + buffer * Traits::kDsBufferBytes, r, c / 2);
           if (want != got && ++bad <= 5) {
             std::printf("thread %d buffer %d (%d, %d): layout %u, kernel %u\n",
                         tid, buffer, r, c, want, got);
@@ -57,7 +55,6 @@ template <typename T, int kHeadDim>
 int dq_mismatches() {
   using namespace cute;
   using Traits = jax_flash::sm90::BwdKernelTraits<T, kHeadDim>;
-  constexpr int kHalfD = kHeadDim / 2;
   typename Traits::MmaDq mma;
   using TileDq = Shape<Int<Traits::kBlockM>, Int<kHeadDim>>;
   int bad = 0;
@@ -67,8 +64,8 @@ int dq_mismatches() {
     const int wg = tid / 128, wg_tid = tid % 128;
     for (int v = 0; v < size(coords); ++v) {
       // As the kernel stores acc_dq(v): float4 v / 4 of its half.
-      const int f = wg * Traits::kBlockM * kHalfD +
-                    ((v / 4) * 128 + wg_tid) * 4 + v % 4;
+      const int f =
+          jax_flash::sm90::dq_tile_index<kHeadDim>(wg, v / 4, wg_tid) + v % 4;
       int row, col;
       jax_flash::sm90::dq_tile_position<kHeadDim>(f, &row, &col);
       if ((row != get<0>(coords(v)) || col != get<1>(coords(v))) &&
