@@ -368,12 +368,18 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
 
 // Merges the splits' float32 partials of one (b, h, s) row per warp into
 // out (T) and lse: lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse)
-// out_i; splits that saw nothing (lse_i = -inf) are skipped.
+// out_i. Lane l reads the lse of splits l and l + 32 (one round of
+// independent loads), the weights come from a warp max and sum, and the
+// partial rows are then read four splits at a time, none waiting on
+// another. A split that saw nothing has lse -inf and weight 0 (its out is
+// 0, never NaN: flash_decode_kernel writes zeros there). This kernel is
+// latency-bound: a row's loads in flight together are what it costs.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128)
 flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;  // output columns of one lane
   static_assert(kPerLane % 2 == 0, "columns in pairs");
+  static_assert(kDecodeMaxSplits == 64, "two lse per lane");
   const int64_t rows =
       static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
@@ -384,10 +390,12 @@ flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.seqlen_q) *
                                         p.num_heads));
 
-  float m = -INFINITY;
-  for (int i = lane; i < p.num_splits; i += 32) {
-    m = fmaxf(m, p.partial_lse[i * rows + row]);
-  }
+  const float lse_lo =
+      lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
+  const float lse_hi = lane + 32 < p.num_splits
+                           ? p.partial_lse[(lane + 32) * rows + row]
+                           : -INFINITY;
+  float m = fmaxf(lse_lo, lse_hi);
 #pragma unroll
   for (int delta = 16; delta > 0; delta /= 2) {
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, delta));
@@ -397,17 +405,22 @@ flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
   for (int e = 0; e < kPerLane; ++e) o[e] = 0.f;
   float row_lse = -INFINITY;
   if (m != -INFINITY) {
-    float total = 0.f;
+    // expf(-inf - m) = 0 for the splits that saw nothing.
+    const float w_lo = expf(lse_lo - m), w_hi = expf(lse_hi - m);
+    float total = w_lo + w_hi;
+#pragma unroll
+    for (int delta = 16; delta > 0; delta /= 2) {
+      total += __shfl_xor_sync(0xffffffffu, total, delta);
+    }
+    const float* part = p.partial_out + row * kHeadDim + lane * kPerLane;
+#pragma unroll 4
     for (int i = 0; i < p.num_splits; ++i) {
-      const float part_lse = p.partial_lse[i * rows + row];
-      if (part_lse == -INFINITY) continue;
-      const float weight = expf(part_lse - m);
-      total += weight;
-      const float* part = p.partial_out + (i * rows + row) * kHeadDim +
-                          lane * kPerLane;
+      const float weight =
+          __shfl_sync(0xffffffffu, i < 32 ? w_lo : w_hi, i % 32);
+      const float* split_part = part + i * rows * kHeadDim;
 #pragma unroll
       for (int e = 0; e < kPerLane; e += 2) {
-        const float2 x = *reinterpret_cast<const float2*>(part + e);
+        const float2 x = *reinterpret_cast<const float2*>(split_part + e);
         o[e] += weight * x.x;
         o[e + 1] += weight * x.y;
       }
