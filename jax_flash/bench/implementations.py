@@ -75,12 +75,14 @@ class Implementation:
   context: Callable[[], Any] = contextlib.nullcontext
 
 
-def _jax_flash(implementation: str) -> Callable[[Case], Attend]:
+def _jax_flash(implementation: str,
+               deterministic: bool = False) -> Callable[[Case], Attend]:
   def build(case: Case) -> Attend:
     import jax_flash  # pylint: disable=import-outside-toplevel
     def attend(q, k, v):
       return jax_flash.flash_attention(q, k, v, causal=case.causal,
-                                       implementation=implementation)
+                                       implementation=implementation,
+                                       deterministic=deterministic)
     return attend
   return build
 
@@ -258,6 +260,11 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     # says why, and that reason is the note.
     Implementation("jax_flash_cuda", "jax_flash CUDA", "jax", True,
                    _jax_flash("cuda"), needs_gpu=False),
+    # Bitwise reproducible gradients (a fixed dQ reduction order); the
+    # forward is the same kernel.
+    Implementation("jax_flash_cuda_det", "jax_flash CUDA deterministic",
+                   "jax", True, _jax_flash("cuda", deterministic=True),
+                   needs_gpu=False),
     Implementation("jax_flash_xla", "jax_flash blockwise", "jax", True,
                    _jax_flash("xla"), needs_gpu=False),
     Implementation("jax_flash_kvcache_cuda", "jax_flash KV cache CUDA", "jax",
