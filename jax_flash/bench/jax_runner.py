@@ -121,6 +121,18 @@ def _footprint(program: Any) -> Optional[int]:
              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def call_args(compiled: CompiledMode, inputs: InputSet,
+              mode: str) -> tuple[Any, ...]:
+  """The arguments of `compiled.program` for one input set: q, k, v (and
+  the cotangent for "fwd_bwd"); for "bwd" the saved residuals and the
+  cotangent (the residuals computed here, outside the timed program)."""
+  if mode == "fwd":
+    return (inputs.q, inputs.k, inputs.v)
+  if mode == "fwd_bwd":
+    return (inputs.q, inputs.k, inputs.v, inputs.dout)
+  return (compiled.residuals(inputs.q, inputs.k, inputs.v), inputs.dout)
+
+
 def measure(compiled: CompiledMode, inputs: list[InputSet], mode: str,
             **timing_options: Any) -> tuple[timing.Timing, Optional[jax.Array]]:
   """Times a compiled mode over rotating inputs.
@@ -128,12 +140,7 @@ def measure(compiled: CompiledMode, inputs: list[InputSet], mode: str,
   Returns:
     The timing and, for "fwd", the output of input set 0 (for the check).
   """
-  if mode == "fwd":
-    args = [(s.q, s.k, s.v) for s in inputs]
-  elif mode == "fwd_bwd":
-    args = [(s.q, s.k, s.v, s.dout) for s in inputs]
-  else:
-    args = [(compiled.residuals(s.q, s.k, s.v), s.dout) for s in inputs]
+  args = [call_args(compiled, s, mode) for s in inputs]
   program = compiled.program
   result = timing.time_calls(lambda i: program(*args[i % len(args)]),
                              jax.block_until_ready, **timing_options)

@@ -42,9 +42,8 @@ def _case(args: argparse.Namespace):
   if args.kind == "decode":
     return cases.Case("decode", args.batch or 4, 1, args.seq_len, 32, 8,
                       args.head_dim, False, page_size=args.page_size)
-  case = cases.training_cases((args.head_dim,), (args.seq_len,),
+  return cases.training_cases((args.head_dim,), (args.seq_len,),
                               masks=(args.causal,))[0]
-  return case
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -56,13 +55,7 @@ def run_child(args: argparse.Namespace) -> None:
   impl = implementations.by_name([args.impl])[0]
   compiled = jax_runner.compile_mode(impl.build(case), case, args.mode)
   inputs = jax_runner.make_inputs(case, 1, 0)[0]
-  if args.mode == "bwd":
-    call_args = (compiled.residuals(inputs.q, inputs.k, inputs.v),
-                 inputs.dout)
-  elif args.mode == "fwd":
-    call_args = (inputs.q, inputs.k, inputs.v)
-  else:
-    call_args = (inputs.q, inputs.k, inputs.v, inputs.dout)
+  call_args = jax_runner.call_args(compiled, inputs, args.mode)
   jax.block_until_ready(call_args)
   for _ in range(CALLS):
     jax.block_until_ready(compiled.program(*call_args))
@@ -92,9 +85,8 @@ def find_ncu() -> Optional[str]:
   found = shutil.which("ncu")
   if found:
     return found
-  for root in sorted(pathlib.Path("/opt/nvidia").glob("nsight-compute/*/ncu")):
-    return str(root)
-  return None
+  installed = sorted(pathlib.Path("/opt/nvidia").glob("nsight-compute/*/ncu"))
+  return str(installed[-1]) if installed else None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
