@@ -151,6 +151,34 @@ def test_deterministic_gradients_are_bitwise_equal():
                                   np.asarray(b, np.float32))
 
 
+@pytest.mark.parametrize("arch", ["sm90", "sm80"])
+@pytest.mark.parametrize("options,parts", [
+    ({}, {}),
+    (dict(causal=True), {}),
+    (dict(window_left=100, window_right=20), {}),
+    (dict(causal=True), dict(segments=True, lengths=True)),
+    (dict(softcap=5.0), dict(alibi=True)),
+])
+def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
+                                             parts):
+  """Deterministic mode orders each query tile's dQ additions over the key
+  tiles that see it (csrc/common/dq_order.h), and every mask changes which
+  tiles those are: each case holds to the rule (dalibi too) and a second
+  run is bitwise equal. Several key and query tiles, GQA 4:1, a query
+  shorter than the keys; both archs where built (sm80 elsewhere)."""
+  monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)
+  rng = np.random.default_rng(17)
+  q, k, v = _inputs(17, 2, 300, 700, 8, 2, 128)
+  masks = make_masks(rng, 2, 300, 700, 8, **parts)
+  config = _config(128, deterministic=True, **options)
+  check_against_reference(cuda.attention, q, k, v, config, masks)
+  grads = _grads(config, masks)
+  first, second = grads(q, k, v), grads(q, k, v)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
+
+
 def test_forward_and_backward_entry_points_match_the_vjp():
   q, k, v = _inputs(11, 2, 100, 130, 4, 2, 128)
   config = _config(128, causal=True, deterministic=True)

@@ -47,11 +47,13 @@ __device__ __forceinline__ void bulk_commit() {
 #endif
 }
 
-// Waits until this thread's bulk groups have read their shared memory
-// sources (which may then be overwritten).
+// Waits until this thread's bulk groups, all but the newest kPending, have
+// read their shared-memory sources (which may then be overwritten).
+template <int kPending = 0>
 __device__ __forceinline__ void bulk_wait_sources_read() {
 #if JAX_FLASH_HAS_BULK_COPY
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(kPending)
+               : "memory");
 #endif
 }
 

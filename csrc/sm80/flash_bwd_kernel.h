@@ -14,16 +14,17 @@
 // dQ is added with float32 atomics per element or, on sm90 where the tile
 // fits in shared memory (and not in deterministic mode), staged in shared
 // memory and added by the bulk-copy engine, one row per thread, while the
-// next step runs. Deterministic mode orders the dQ additions: the CTA of key
-// tile n adds to query tile m only after the CTAs of key tiles 0..n-1 have
-// (a semaphore per (b, h, m) counts them), so every float sum runs in the
-// same order.
+// next step runs. Deterministic mode orders the dQ additions
+// (common/dq_order.h): the key tiles that see query tile m add to it one
+// after another, highest first, passing a semaphore per (b, h, m), so every
+// float sum runs in the same order.
 #pragma once
 
 #include <cmath>
 #include <type_traits>
 
 #include "common/bulk_copy.h"
+#include "common/dq_order.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/tile_copy.h"
@@ -103,6 +104,18 @@ __device__ __forceinline__ void semaphore_signal(int* sem, int value) {
   }
 }
 
+// dq_order_ready_value (common/dq_order.h) out of line, with a mask of its
+// own: inlined, its loop kept the mask's fields live across the main loop
+// and made the kernel spill.
+static __device__ __noinline__ int dq_ready_value(const BwdParams& p, int b,
+                                                  int n_block,
+                                                  int num_n_blocks,
+                                                  int block_n, int block_m,
+                                                  int m) {
+  return dq_order_ready_value(AttentionMask::make(p, b), n_block,
+                              num_n_blocks, block_n, block_m, m);
+}
+
 // 4-byte global -> shared copy; zero-fills when !valid.
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src,
                                            bool valid) {
@@ -153,9 +166,12 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
   };
 
   // Grid (key tiles, B, Hkv), or with kTilesSlowest (B, Hkv, key tiles):
-  // see launch_bwd_main. Read straight from blockIdx, so that the indices
-  // cost no registers.
-  const int n_block = kTilesSlowest ? blockIdx.z : blockIdx.x;
+  // see launch_bwd_main; key tiles in reverse in deterministic mode
+  // (dq_order.h). Read straight from blockIdx, so that the indices cost no
+  // registers.
+  const int num_n_blocks = kTilesSlowest ? gridDim.z : gridDim.x;
+  const int n_block = dq_order_key_tile(
+      kTilesSlowest ? blockIdx.z : blockIdx.x, num_n_blocks, p.deterministic);
   const int b = kTilesSlowest ? blockIdx.x : blockIdx.y;
   const int h_kv = kTilesSlowest ? blockIdx.y : blockIdx.z;
   const int group = p.num_heads / p.num_heads_kv;
@@ -227,21 +243,6 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     s_kv_seg[threadIdx.x] = mask.has_segments() && j < p.seqlen_k
         ? mask.kv_segment_ids[j] : 0;
   }
-
-  // Deterministic order: this CTA passes every query tile's semaphore, also
-  // of tiles it has nothing to add to (before and after its own range).
-  auto pass_semaphores = [&](int m_from, int m_to) {
-    for (int g = 0; g < group; ++g) {
-      const int64_t bh = static_cast<int64_t>(b) * p.num_heads +
-                         h_kv * group + g;
-      for (int m = m_from; m < m_to; ++m) {
-        int* sem = s.dq_semaphore + bh * num_m_blocks + m;
-        semaphore_wait(sem, n_block);
-        semaphore_signal(sem, n_block + 1);
-      }
-    }
-  };
-  if (p.deterministic) pass_semaphores(0, m_begin);
 
   // Warp origins: S/dP rows and columns, dK/dV rows and columns, dQ rows
   // and columns.
@@ -468,7 +469,10 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     }
     int* sem = p.deterministic
         ? s.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
-    if (p.deterministic) semaphore_wait(sem, n_block);
+    if (p.deterministic) {
+      semaphore_wait(sem, dq_ready_value(p, b, n_block, num_n_blocks,
+                                         kBlockN, kBlockM, m0 / kBlockM));
+    }
     if (staged_dq) {
       // To shared memory; added at the next step's first barrier.
 #pragma unroll
@@ -532,7 +536,6 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
     if (p.deterministic) semaphore_signal(sem, n_block + 1);
     advance(h, m0);
   }
-  if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
   if (staged_dq) {
     __syncthreads();
     add_pending_dq();  // the last step's

@@ -25,8 +25,9 @@ void launch_bwd_main(const BwdParams& p, const BwdScratch& scratch,
   // short ones fill the tail (causal GQA 8:1 backward at S = 1k / 4k went
   // from 0.61 / 0.54x to 0.82 / 0.77x of FlashAttention-2; MHA grids, with 8
   // to 16 CTAs per SM, gain nothing: docs/performance.md). Either way, in
-  // deterministic mode the CTA of key tile n waits for tile n - 1 of the
-  // same (b, h), which started earlier.
+  // deterministic mode the key tiles run in reverse (common/dq_order.h): the
+  // CTA of key tile n waits only for higher tiles of the same (b, h), which
+  // started earlier.
   const bool tiles_slowest =
       p.window_right >= 0 &&
       static_cast<int64_t>(p.batch) * p.num_heads_kv * num_n_blocks <

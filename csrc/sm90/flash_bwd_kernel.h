@@ -6,7 +6,8 @@
 //   producer (warpgroup 0): one thread loads K and V once and, through an
 //     mbarrier pipeline of two stages, each step's Q and dO tiles (TMA) and
 //     its rows' (lse log2 e, delta) (one bulk copy from the preprocess's
-//     row_stats); its registers go to the consumers (setmaxnreg).
+//     row_stats); warp 1 is the dQ writer (below); the warpgroup's registers
+//     go to the consumers (setmaxnreg).
 //   consumers (warpgroups 1 and 2): 64 keys each. Per step
 //     S^T = K Q^T and dP^T = V dO^T      (wgmma, issued together)
 //     P^T = exp2(S^T scale - lse)        (registers; masks, score modifiers)
@@ -18,10 +19,11 @@
 //                                         the dQ staging and the next step's
 //                                         first GEMMs)
 //     dQ to shared memory (float32, the tile order of bwd_dq_tile.h), each
-//     warpgroup's half added to the workspace by one bulk reduction while
-//     the next step runs; in deterministic mode instead added with atomics
-//     in a fixed order between semaphores, as in the sm80 kernel
-//     (flash_bwd_kernel.h there).
+//     warpgroup's half handed to the dQ writer, which adds it to the
+//     workspace with one bulk reduction while the consumers go on to the
+//     next step. In deterministic mode the writer first waits for the query
+//     tile's semaphore (common/dq_order.h), so the consumers never wait for
+//     other CTAs unless the writer falls a whole step behind.
 // The epilogue writes dK (times the softmax scale) and dV from registers.
 #pragma once
 
@@ -34,6 +36,7 @@
 #include <cutlass/pipeline/pipeline.hpp>
 
 #include "common/bulk_copy.h"
+#include "common/dq_order.h"
 #include "common/flash.h"
 #include "common/mask.h"
 #include "common/utils.h"
@@ -55,35 +58,150 @@ struct BwdKernelParams {
   typename Traits::TmaK tma_v;
 };
 
-// Named barriers of the consumers (ids past those TensorCoreTurns uses).
-constexpr uint32_t kBarrierDsWritten = 2;    // 256 threads
-constexpr uint32_t kBarrierDqStaged = 3;     // + warpgroup: 128 threads each
-constexpr uint32_t kBarrierSemaphore = 5;    // 256 threads
+// Named barriers (ids past those TensorCoreTurns uses).
+constexpr uint32_t kBarrierDsWritten = 2;  // the 256 consumer threads
+// Per consumer warpgroup (+ wg), its 128 threads and the dQ writer warp:
+// its dQ half is staged (consumers arrive, the writer waits) and the
+// staging half is free again (the writer arrives, the consumers wait).
+constexpr uint32_t kBarrierDqFull = 3;
+constexpr uint32_t kBarrierDqEmpty = 5;
+constexpr uint32_t kDqHandoffThreads = 128 + 32;
+constexpr int kDqWriterWarp = 1;  // of the producer warpgroup
 
-// Deterministic mode, among the 256 consumer threads: wait until `*sem ==
-// expected`.
-__device__ __forceinline__ void consumer_semaphore_wait(const int* sem,
-                                                        int expected,
-                                                        int tid) {
-  if (tid == 0) {
-    int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n"
-                   : "=r"(seen) : "l"(sem) : "memory");
-    } while (seen != expected);
+// The consumer warpgroup wg's side of a hand-over barrier (base + wg), with
+// the id an immediate: wg is warp-uniform.
+__device__ __forceinline__ void dq_handoff_sync(int wg, uint32_t base) {
+  if (wg == 0) {
+    cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, base);
+  } else {
+    cutlass::arch::NamedBarrier::sync(kDqHandoffThreads, base + 1);
   }
-  cutlass::arch::NamedBarrier::sync(256, kBarrierSemaphore);
+}
+__device__ __forceinline__ void dq_handoff_arrive(int wg, uint32_t base) {
+  if (wg == 0) {
+    cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, base);
+  } else {
+    cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads, base + 1);
+  }
 }
 
-// Publishes the consumers' earlier global writes, then sets `*sem = value`.
-__device__ __forceinline__ void consumer_semaphore_signal(int* sem, int value,
-                                                          int tid) {
+// Deterministic mode, in the dQ writer's lane 0: wait until `*sem ==
+// expected`, then order the bulk additions issued next after that read.
+__device__ __forceinline__ void dq_semaphore_wait(const int* sem,
+                                                  int expected) {
+  int seen;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n"
+                 : "=r"(seen) : "l"(sem) : "memory");
+  } while (seen != expected);
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+
+// Deterministic mode, in the dQ writer's lane 0 once its bulk additions
+// have completed (bulk_wait_all): make them visible, then set `*sem =
+// value`.
+__device__ __forceinline__ void dq_semaphore_signal(int* sem, int value) {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
   __threadfence();
-  cutlass::arch::NamedBarrier::sync(256, kBarrierSemaphore);
-  if (tid == 0) {
-    asm volatile("st.release.gpu.global.b32 [%0], %1;\n"
-                 :: "l"(sem), "r"(value) : "memory");
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n"
+               :: "l"(sem), "r"(value) : "memory");
+}
+
+// The dQ writer (one warp of the producer warpgroup): per step, as each
+// consumer warpgroup hands over its staged half of the float32 dQ tile, adds
+// it to the workspace with one bulk reduction, and hands the half back once
+// the bulk engine has read it. In deterministic mode it first waits for the
+// query tile's turn (common/dq_order.h), also adds the step's dalibi row
+// sums (dalibi_in_order: smem.alibi_rows, staged by consumer warpgroup 0
+// with its dQ half) and passes the turn on once its additions have
+// completed.
+// Steps run over the group's query heads and, per head, the query tiles
+// [m0_first, m0_end), as the consumers' do.
+template <typename Traits>
+__device__ __forceinline__ void write_dq(
+    const BwdParams& p, const BwdScratch& scratch,
+    typename Traits::SharedStorage& smem, const AttentionMask& mask, int b,
+    int h_kv, int n_block, int num_n_blocks, int m0_first, int m0_end,
+    bool dalibi_in_order) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr uint32_t kHalfBytes = kBlockM * (kHeadDim / 2) * 4;
+  const int lane = threadIdx.x % 32;
+  const int group = p.num_heads / p.num_heads_kv;
+  const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  const int64_t stats_pitch = row_stats_pitch(p.seqlen_q);
+  const int num_steps = group * ((m0_end - m0_first) / kBlockM);
+  int h = h_kv * group, m0 = m0_first;
+  for (int step = 0; step < num_steps; ++step) {
+    const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+    float* dq_accum_tile = scratch.dq_accum + (bh * stats_pitch + m0) * kHeadDim;
+    int* sem = p.deterministic
+        ? scratch.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
+    auto wait_turn = [&]() __attribute__((always_inline)) {
+      if (p.deterministic && lane == 0) {
+        dq_semaphore_wait(
+            sem, dq_order_ready_value(mask, n_block, num_n_blocks,
+                                      Traits::kBlockN, kBlockM, m0 / kBlockM));
+      }
+      __syncwarp();
+    };
+    auto add_half = [&](int half) __attribute__((always_inline)) {
+      if (lane == 0) {
+        const int offset = dq_tile_index<kHeadDim>(half, 0, 0);
+        bulk_add_f32(dq_accum_tile + offset, smem_addr(smem.dq + offset),
+                     kHalfBytes);
+        bulk_commit();
+      }
+    };
+    wait_turn();
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      cutlass::arch::NamedBarrier::sync(kDqHandoffThreads,
+                                        kBarrierDqFull + half);
+      add_half(half);
+    }
+    const bool hand_back = step + 1 < num_steps;
+    if (p.deterministic) {
+      if (dalibi_in_order && lane == 0) {
+        const int rows_here = min(kBlockM, p.seqlen_q - m0);
+        bulk_add_f32(&scratch.dalibi_rows[bh * p.seqlen_q + m0].x,
+                     smem_addr(smem.alibi_rows), rows_here * 16);
+        bulk_commit();
+      }
+      __syncwarp();
+      if (lane == 0) {
+        bulk_wait_all();  // the additions are in global memory
+        dq_semaphore_signal(sem, n_block + 1);
+      }
+      __syncwarp();
+      if (hand_back) {
+        cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads,
+                                            kBarrierDqEmpty);
+        cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads,
+                                            kBarrierDqEmpty + 1);
+      }
+    } else {
+      // Each half back as soon as the bulk engine has read it.
+      if (lane == 0) bulk_wait_sources_read<1>();
+      __syncwarp();
+      if (hand_back) {
+        cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads,
+                                            kBarrierDqEmpty);
+      }
+      if (lane == 0) bulk_wait_sources_read<0>();
+      __syncwarp();
+      if (hand_back) {
+        cutlass::arch::NamedBarrier::arrive(kDqHandoffThreads,
+                                            kBarrierDqEmpty + 1);
+      }
+    }
+    m0 += kBlockM;
+    if (m0 >= m0_end) {
+      m0 = m0_first;
+      ++h;
+    }
   }
+  if (lane == 0) bulk_wait_all();
 }
 
 template <typename Traits, bool kScoreMod>
@@ -103,12 +221,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   const BwdParams& p = params.p;
   const BwdScratch& scratch = params.scratch;
 
-  const int n_block = blockIdx.x;
+  const int num_n_blocks = gridDim.x;
+  const int n_block =
+      dq_order_key_tile(blockIdx.x, num_n_blocks, p.deterministic);
   const int h_kv = blockIdx.y;
   const int b = blockIdx.z;
   const int n0 = n_block * kBlockN;
   const int group = p.num_heads / p.num_heads_kv;
-  const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
   const AttentionMask mask = AttentionMask::make(p, b);
 
   // Query tiles [m_begin, m_end) see some key of this tile.
@@ -168,6 +287,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   if (warpgroup == 0) {
     // ---- producer ----
     cutlass::arch::warpgroup_reg_dealloc<kBwdProducerRegisters>();
+    if (__shfl_sync(0xffffffffu, threadIdx.x / 32, 0) == kDqWriterWarp) {
+      write_dq<Traits>(p, scratch, smem, mask, b, h_kv, n_block,
+                       num_n_blocks, m0_first, m0_end,
+                       kScoreMod && p.dalibi != nullptr && p.deterministic);
+      return;
+    }
     if (threadIdx.x != 0) return;
     auto shape = [&](int s, int heads) {
       return make_shape(s, p.head_dim, heads, p.batch);
@@ -263,22 +388,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
 
   const ScoreMod score_mod_base = ScoreMod::make(p, b, h_kv * group, mask);
   const bool want_dalibi = kScoreMod && p.dalibi != nullptr;
+  // Deterministic dalibi: each warp's column sums go to smem.alibi (by step
+  // parity), and consumer warpgroup 0 sums them per row into
+  // smem.alibi_rows beside its dQ half, for the dQ writer to add in turn.
+  const bool dalibi_in_order = want_dalibi && p.deterministic;
   const float scale_log2 = p.softmax_scale_log2;
-
-  // Deterministic order: this CTA passes every query tile's semaphore, also
-  // of tiles it has nothing to add to (before and after its own range).
-  auto pass_semaphores = [&](int m_from, int m_to) {
-    for (int g = 0; g < group; ++g) {
-      const int64_t bh = static_cast<int64_t>(b) * p.num_heads +
-                         h_kv * group + g;
-      for (int m = m_from; m < m_to; ++m) {
-        int* sem = scratch.dq_semaphore + bh * num_m_blocks + m;
-        consumer_semaphore_wait(sem, n_block, tid);
-        consumer_semaphore_signal(sem, n_block + 1, tid);
-      }
-    }
-  };
-  if (p.deterministic) pass_semaphores(0, m_begin);
 
   // dS^T of the step whose dK product may still run (its A operand).
   Tensor rdS = make_tensor<Element>(
@@ -338,7 +452,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       const int col = get<1>(coords_rc(0, c));
       if (lane < 4) {
         if (p.deterministic) {
-          smem.alibi[warp][col] = make_float4(a0, a1, a2, 0.f);
+          smem.alibi[step % 2][warp][col] = make_float4(a0, a1, a2, 0.f);
         } else if (m0 + col < p.seqlen_q) {
           float* dst = &scratch.dalibi_rows[bh * p.seqlen_q + m0 + col].x;
           atomicAdd(dst, a0);
@@ -482,8 +596,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       }
     }
     cutlass::arch::fence_view_async_shared();  // dS^T for wgmma's reads
-    // The previous step's bulk addition has read the dQ staging tile.
-    if (wg_tid == 0) bulk_wait_sources_read();
     cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
 
     // dQ = dS K (this warpgroup's half of D), then dK += dS^T Q, which runs
@@ -500,10 +612,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     warpgroup_fence_operand(acc_dv);
 
     // dQ to this warpgroup's half of the staging tile, float4 j of the
-    // accumulator at dq_tile_index (bwd_dq_tile.h).
-    const int dq_half = dq_tile_index<kHeadDim>(wg, 0, 0);
+    // accumulator at dq_tile_index (bwd_dq_tile.h), once the writer has
+    // added the previous step's.
     static_assert(size(decltype(acc_dq){}) == 4 * (kHalfD / 8),
                   "one float4 per 8-column group");
+    if (step > 0) dq_handoff_sync(wg, kBarrierDqEmpty);
 #pragma unroll
     for (int j = 0; j < kHalfD / 8; ++j) {
       *reinterpret_cast<float4*>(smem.dq +
@@ -511,45 +624,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
           make_float4(acc_dq(4 * j), acc_dq(4 * j + 1), acc_dq(4 * j + 2),
                       acc_dq(4 * j + 3));
     }
-    // This query tile's block of dq_accum, in the same order.
-    float* dq_accum_tile =
-        scratch.dq_accum + (bh * row_stats_pitch(p.seqlen_q) + m0) * kHeadDim;
-    if (!p.deterministic) {
-      fence_shared_for_bulk_copy();
-      cutlass::arch::NamedBarrier::sync(128, kBarrierDqStaged + wg);
-      if (wg_tid == 0) {
-        bulk_add_f32(dq_accum_tile + dq_half, smem_addr(smem.dq + dq_half),
-                     kBlockM * kHalfD * 4);
-        bulk_commit();
-      }
-    } else {
-      int* sem = scratch.dq_semaphore + bh * num_m_blocks + m0 / kBlockM;
-      consumer_semaphore_wait(sem, n_block, tid);  // also: dQ staged
-      // Every element once, by a fixed thread, in a fixed order.
-      constexpr int kVecs = kBlockM * kHeadDim / 4;
-      static_assert(kVecs % 256 == 0, "whole passes");
-#pragma unroll 4
-      for (int v = tid; v < kVecs; v += 256) {
-        atomicAdd(reinterpret_cast<float4*>(dq_accum_tile) + v,
-                  reinterpret_cast<const float4*>(smem.dq)[v]);
-      }
-      const int rows_here = min(kBlockM, p.seqlen_q - m0);
-      if (want_dalibi && tid < rows_here) {
-        float4 sum = smem.alibi[0][tid];
+    if (dalibi_in_order && wg == 0 && wg_tid < kBlockM) {
+      // Every warp's sums of this step are in (kBarrierDsWritten); the
+      // other buffer of smem.alibi takes the next step's meanwhile.
+      float4 sum = smem.alibi[step % 2][0][wg_tid];
 #pragma unroll
-        for (int w = 1; w < 8; ++w) {
-          const float4 part = smem.alibi[w][tid];
-          sum.x += part.x;
-          sum.y += part.y;
-          sum.z += part.z;
-        }
-        float* dst = &scratch.dalibi_rows[bh * p.seqlen_q + m0 + tid].x;
-        atomicAdd(dst, sum.x);
-        atomicAdd(dst + 1, sum.y);
-        atomicAdd(dst + 2, sum.z);
+      for (int w = 1; w < 8; ++w) {
+        const float4 part = smem.alibi[step % 2][w][wg_tid];
+        sum.x += part.x;
+        sum.y += part.y;
+        sum.z += part.z;
       }
-      consumer_semaphore_signal(sem, n_block + 1, tid);
+      smem.alibi_rows[wg_tid] = sum;
     }
+    fence_shared_for_bulk_copy();
+    dq_handoff_arrive(wg, kBarrierDqFull);
     release = read;
     release_pending = true;
     ++read;
@@ -557,8 +646,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   }
   warpgroup_wait<0>();
   release_previous();
-  if (p.deterministic) pass_semaphores(m_end, num_m_blocks);
-  if (!p.deterministic && wg_tid == 0) bulk_wait_all();
 
   // dK = softmax_scale * dS^T Q (the scale of the logits), dV as summed.
   Tensor kv_coords = thr_kv.partition_C(make_identity_tensor(TileKV{}));

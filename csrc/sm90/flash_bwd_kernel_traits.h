@@ -175,9 +175,12 @@ struct BwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutDs>> ds;
     alignas(128) float dq[kBlockM * kHeadDim];
     alignas(16) float2 stats[kStages][kBlockM];
-    // dalibi: per warp (8) and query column, (sum P dP |d|, sum P |d|,
-    // sum P dP) over the warp's keys.
-    alignas(16) float4 alibi[8][kBlockM];
+    // Deterministic dalibi: per step parity, warp (8) and query column,
+    // (sum P dP |d|, sum P |d|, sum P dP) over the warp's keys; and their
+    // sum over the warps per query row, which the dQ writer adds to
+    // dalibi_rows with one bulk reduction.
+    alignas(16) float4 alibi[2][8][kBlockM];
+    alignas(16) float4 alibi_rows[kBlockM];
     int kv_segment[kBlockN];
     typename Pipeline::SharedStorage pipeline_q;
     cutlass::arch::ClusterTransactionBarrier kv_full;

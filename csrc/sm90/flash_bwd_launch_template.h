@@ -77,8 +77,8 @@ int run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
     // Key tiles vary fastest: CTAs running side by side read the same
     // heads' Q and dO (L2 reuse), and under a causal mask the low key
     // tiles, which see the most queries, start first. In deterministic mode
-    // the CTA of key tile n waits for tile n - 1 of the same head, which
-    // started earlier.
+    // the key tiles run in reverse (common/dq_order.h): the CTA of key tile
+    // n waits only for higher tiles of the same head, which started earlier.
     const dim3 grid(num_n_blocks, p.num_heads_kv, p.batch);
     kernel<<<grid, Traits::kThreads, kSmem, stream>>>(
         make_bwd_kernel_params<Traits>(p, scratch));
