@@ -648,28 +648,57 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   release_previous();
 
   // dK = softmax_scale * dS^T Q (the scale of the logits), dV as summed.
+  // Both go through shared memory, over the Q and dO buffers (no GEMM reads
+  // them once both warpgroups are here), so that global memory gets whole
+  // rows: from registers, a warp's 4-byte stores would cover 8 rows with 16
+  // bytes each, half of every 32-byte sector. Rows of D elements in 16-byte
+  // chunks, chunk c of row r at c ^ (r % 8): a warp's stores (8 rows, 4
+  // column pairs in one chunk) then hit 32 distinct banks.
   Tensor kv_coords = thr_kv.partition_C(make_identity_tensor(TileKV{}));
   Tensor kv_coords_rc = make_tensor(kv_coords.data(),
                                     accumulator_rows_cols(kv_coords.layout()));
   Tensor dk_rc = make_tensor(acc_dk.data(), accumulator_rows_cols(acc_dk.layout()));
   Tensor dv_rc = make_tensor(acc_dv.data(), accumulator_rows_cols(acc_dv.layout()));
+  static_assert(kBlockN * kHeadDim <= cute::cosize_v<typename Traits::SmemLayoutQ>,
+                "a dK or dV tile fits in the Q (dO) buffers");
+  T* sdk = reinterpret_cast<T*>(smem.q.data());
+  T* sdv = reinterpret_cast<T*>(smem.dout.data());
+  auto staged = [](int row, int chunk) {
+    return row * kHeadDim + ((chunk ^ (row % 8)) * 8);
+  };
+  cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
+#pragma unroll
+  for (int r = 0; r < size<0>(dk_rc); ++r) {
+    const int row = get<0>(kv_coords_rc(r, 0));
+#pragma unroll
+    for (int c = 0; c < size<1>(dk_rc); c += 2) {
+      const int col = get<1>(kv_coords_rc(r, c));
+      const int at = staged(row, col / 8) + col % 8;
+      *reinterpret_cast<uint32_t*>(sdk + at) =
+          pack2<T>(dk_rc(r, c) * p.softmax_scale,
+                   dk_rc(r, c + 1) * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(sdv + at) =
+          pack2<T>(dv_rc(r, c), dv_rc(r, c + 1));
+    }
+  }
+  cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
+  // 16 bytes per thread: the handler lays dK and dV out as K and V, whose
+  // rows (TMA) are whole multiples of 16 bytes.
   T* dk = static_cast<T*>(p.dk) + b * p.dk_batch_stride +
           h_kv * p.dk_head_stride;
   T* dv = static_cast<T*>(p.dv) + b * p.dv_batch_stride +
           h_kv * p.dv_head_stride;
+  constexpr int kChunks = kHeadDim / 8;  // per row
+  static_assert(kBlockN * kChunks % 256 == 0, "whole passes");
 #pragma unroll
-  for (int r = 0; r < size<0>(dk_rc); ++r) {
-    const int j = n0 + get<0>(kv_coords_rc(r, 0));
+  for (int v = tid; v < kBlockN * kChunks; v += 256) {
+    const int row = v / kChunks, chunk = v % kChunks;
+    const int j = n0 + row;
     if (j >= p.seqlen_k) continue;
-#pragma unroll
-    for (int c = 0; c < size<1>(dk_rc); c += 2) {
-      const int col = get<1>(kv_coords_rc(r, c));
-      *reinterpret_cast<uint32_t*>(dk + j * p.dk_row_stride + col) =
-          pack2<T>(dk_rc(r, c) * p.softmax_scale,
-                   dk_rc(r, c + 1) * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(dv + j * p.dv_row_stride + col) =
-          pack2<T>(dv_rc(r, c), dv_rc(r, c + 1));
-    }
+    *reinterpret_cast<uint4*>(dk + j * p.dk_row_stride + chunk * 8) =
+        *reinterpret_cast<const uint4*>(sdk + staged(row, chunk));
+    *reinterpret_cast<uint4*>(dv + j * p.dv_row_stride + chunk * 8) =
+        *reinterpret_cast<const uint4*>(sdv + staged(row, chunk));
   }
 }
 
