@@ -1,8 +1,10 @@
-"""Host-side checks of address arithmetic the CUDA kernels derive by hand.
+"""Host-side checks of arithmetic the CUDA kernels derive by hand.
 
-Each program in tests/csrc/ builds cute's layouts on the host and compares
-them with the kernels' shortcuts, for every thread. They need nvcc and the
-CUTLASS headers (nvidia-cutlass) but no GPU.
+Each program in tests/csrc/ runs the kernels' own functions on the host:
+check_bwd_layouts.cu compares the sm90 backward's address shortcuts with
+cute's layouts for every thread; check_dq_order.cu checks the deterministic
+dQ order for many masks and simulates launches of it to completion. They
+need nvcc and the CUTLASS headers (nvidia-cutlass) but no GPU.
 """
 import pathlib
 import subprocess
@@ -15,7 +17,8 @@ sys.path.insert(0, str(REPO / "build"))
 import build_cuda  # pylint: disable=wrong-import-position
 
 
-@pytest.mark.parametrize("program", ["check_bwd_layouts.cu"])
+@pytest.mark.parametrize("program", ["check_bwd_layouts.cu",
+                                     "check_dq_order.cu"])
 def test_kernel_addresses_match_cute_layouts(program, tmp_path):
   nvcc = build_cuda.find_nvcc()
   if nvcc is None:

@@ -25,8 +25,8 @@ namespace jax_flash {
 // Key tile of the CTA at grid position `index` of `count` key tiles: the
 // highest first in deterministic mode, the lowest first otherwise (under a
 // causal mask the longest CTAs first).
-__device__ __forceinline__ int dq_order_key_tile(int index, int count,
-                                                 bool deterministic) {
+__host__ __device__ __forceinline__ int dq_order_key_tile(
+    int index, int count, bool deterministic) {
   return deterministic ? count - 1 - index : index;
 }
 
@@ -36,11 +36,11 @@ __device__ __forceinline__ int dq_order_key_tile(int index, int count,
 // AttentionMask::query_tiles call, so the two never disagree. The scan stops
 // at the first contributor: one test at most steps, up to one per key tile
 // at the (one or two) query tiles where this tile is the highest contributor.
-__device__ __forceinline__ int dq_order_ready_value(const AttentionMask& mask,
-                                                    int n_block,
-                                                    int num_n_blocks,
-                                                    int block_n, int block_m,
-                                                    int m) {
+// tests/csrc/check_dq_order.cu checks the order and that every launch
+// finishes, on the host, for many masks.
+__host__ __device__ __forceinline__ int dq_order_ready_value(
+    const AttentionMask& mask, int n_block, int num_n_blocks, int block_n,
+    int block_m, int m) {
   for (int n = n_block + 1; n < num_n_blocks; ++n) {
     int m_begin, m_end;
     mask.query_tiles(n * block_n, (n + 1) * block_n, block_m, &m_begin,

@@ -100,10 +100,10 @@ struct AttentionMask {
 
   // Queries [query_begin, query_end) hold every query that sees some key in
   // [n0, n1); may be empty.
-  __device__ __forceinline__ int query_begin(int n0) const {
+  __host__ __device__ __forceinline__ int query_begin(int n0) const {
     return window_right < 0 ? 0 : max(0, n0 - offset - window_right);
   }
-  __device__ __forceinline__ int query_end(int n1) const {
+  __host__ __device__ __forceinline__ int query_end(int n1) const {
     if (min(n1, kv_len) <= 0) return 0;
     const int last_k = min(n1, kv_len) - 1;
     return window_left < 0 ? q_len
@@ -112,9 +112,12 @@ struct AttentionMask {
 
   // Query tiles [*m_begin, *m_end) of block_m rows hold every query that
   // sees some key of the key tile [n0, n1); empty (0, 0) when none does.
-  // The backward kernels walk these tiles for one key tile.
-  __device__ __forceinline__ void query_tiles(int n0, int n1, int block_m,
-                                              int* m_begin, int* m_end) const {
+  // The backward kernels walk these tiles for one key tile. Host-callable
+  // too, for tests/csrc/check_dq_order.cu.
+  __host__ __device__ __forceinline__ void query_tiles(int n0, int n1,
+                                                       int block_m,
+                                                       int* m_begin,
+                                                       int* m_end) const {
     *m_begin = 0;
     *m_end = 0;
     if (n0 >= kv_len) return;
