@@ -34,8 +34,9 @@ __host__ __device__ __forceinline__ int dq_order_key_tile(
 // 0 if no higher key tile sees m, else that next-higher contributor's index
 // plus 1. Each CTA's own loop bounds come from the same
 // AttentionMask::query_tiles call, so the two never disagree. The scan stops
-// at the first contributor: one test at most steps, up to one per key tile
-// at the (one or two) query tiles where this tile is the highest contributor.
+// at the first contributor: one test at most steps; one per key tile above
+// at the (one or two) query tiles where this tile is the highest
+// contributor.
 // tests/csrc/check_dq_order.cu checks the order and that every launch
 // finishes, on the host, for many masks.
 __host__ __device__ __forceinline__ int dq_order_ready_value(

@@ -167,8 +167,8 @@ flash_bwd_kernel(const __grid_constant__ BwdParams p, BwdScratch s) {
 
   // Grid (key tiles, B, Hkv), or with kTilesSlowest (B, Hkv, key tiles):
   // see launch_bwd_main; key tiles in reverse in deterministic mode
-  // (dq_order.h). Read straight from blockIdx, so that the indices cost no
-  // registers.
+  // (dq_order.h). b and h_kv are read straight from blockIdx, so that they
+  // cost no registers.
   const int num_n_blocks = kTilesSlowest ? gridDim.z : gridDim.x;
   const int n_block = dq_order_key_tile(
       kTilesSlowest ? blockIdx.z : blockIdx.x, num_n_blocks, p.deterministic);
