@@ -74,13 +74,14 @@ def describe_library(path: pathlib.Path) -> str:
   info = library.load().build_info
   lines = [f"CUDA library {path.stat().st_size / 2**20:.1f} MiB for "
            + ", ".join(f"sm_{a}" for a in info.archs)]
-  for direction in ("fwd", "bwd"):
-    for dtype in ("bf16", "fp16"):
-      dims = sorted(d for k, t, d in info.kernels
-                    if (k, t) == (direction, dtype))
-      if dims:
-        lines.append(f"  {direction} {dtype}: head dims "
-                     + ", ".join(map(str, dims)))
+  for arch in sorted({a for a, _, _, _ in info.kernels}):
+    for direction in ("fwd", "bwd", "decode"):
+      for dtype in ("bf16", "fp16"):
+        dims = sorted(d for a, k, t, d in info.kernels
+                      if (a, k, t) == (arch, direction, dtype))
+        if dims:
+          lines.append(f"  sm{arch} {direction} {dtype}: head dims "
+                       + ", ".join(map(str, dims)))
   return "\n".join(lines)
 
 

@@ -89,3 +89,24 @@ def test_a_build_without_cuda_ships_no_stale_library(tree, build_cuda):
   assert not [n for n in names if "_lib" in n]
   assert "jax_flash/py.typed" in names
   assert "jax_flash-0.1.0.dist-info/LICENSE" in names
+
+
+def test_wheel_check_lists_the_built_kernels_per_arch():
+  """build/build_wheel.py's summary of a library, read through the loader
+  (in a process of its own: it points JAX_FLASH_CUDA_LIBRARY at the file)."""
+  library = REPO / "jax_flash" / "_lib" / "libjax_flash_cuda.so"
+  if not library.exists():
+    pytest.skip("no CUDA library built")
+  code = ("import pathlib, sys; sys.path.insert(0, 'build'); "
+          "import build_wheel; "
+          f"print(build_wheel.describe_library(pathlib.Path({str(library)!r})))")
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  lines = done.stdout.splitlines()
+  assert re.fullmatch(r"CUDA library [\d.]+ MiB for sm_\d+(, sm_\d+)*",
+                      lines[0]), lines[0]
+  kernels = [line for line in lines[1:]
+             if re.fullmatch(r"  sm\d+ (fwd|bwd|decode) (bf16|fp16): head dims "
+                             r"\d+(, \d+)*", line)]
+  assert kernels and len(kernels) == len(lines) - 1, done.stdout
