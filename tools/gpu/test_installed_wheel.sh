@@ -20,6 +20,8 @@ python3 -m pip install --quiet --no-deps --target "$work/site" "$wheel"
 cp -r "$repo/tests" "$work/tests"
 cd "$work"
 export PYTHONPATH="$work/site" XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Correctness only: no GEMM autotuning of the reference's many shapes.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 python3 - "$work/site" <<'PY'
 import pathlib
 import sys
