@@ -227,3 +227,40 @@ def test_paged_decoding_case_runs_on_the_kv_cache_api_only():
       "date": "2026-01-01", "device": "test", "gpu": None, "backend": "cpu",
       "versions": {}, "command": "x"})
   assert "| 2 | 1 | paged 16 | 128 |" in text
+
+
+def test_in_program_calls_loop_the_forward_and_report_per_call():
+  """--in-program-calls N: one program run makes N calls (rotating the
+  input sets itself) and the record's times are per call; the output
+  checked is that of input set 0, as without the loop."""
+  case = cases.Case("decode", 2, 1, 128, 4, 2, 32, False)
+  settings = runner.Settings(rounds=2, calls=2, warmup=1, modes=("fwd",),
+                             in_program_calls=5)
+  impls = implementations.by_name(["jax_flash_kvcache_xla", "jax_xla"])
+  records = runner.run_case(case, impls, settings, seed=0,
+                            log=lambda line: None)
+  for record in records:
+    assert record["status"] == "ok", record
+    assert record["in_program_calls"] == 5
+    assert record["calls_per_round"] % 5 == 0
+    assert record["check_error"] < checks.MAX_RELATIVE_ERROR
+    assert record["gbps"] > 0
+
+
+@pytest.mark.parametrize("n_sets", [1, 3])
+def test_looped_program_returns_set_0s_output(n_sets):
+  from jax_flash.bench import jax_runner  # pylint: disable=import-outside-toplevel
+  case = cases.Case("decode", 2, 1, 64, 4, 2, 32, False)
+  attend = implementations.by_name(["jax_xla"])[0].build(case)
+  inputs = jax_runner.make_inputs(case, n_sets, seed=3)
+  looped = jax_runner.compile_mode(attend, case, "fwd", repeat=4,
+                                   n_sets=n_sets)
+  once = jax_runner.compile_mode(attend, case, "fwd")
+  result, out = jax_runner.measure(looped, inputs, "fwd", rounds=1, calls=1,
+                                   warmup=1)
+  _, want = jax_runner.measure(once, inputs, "fwd", rounds=1, calls=1,
+                               warmup=1)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+  assert result.calls_per_round == 4
+  with pytest.raises(ValueError, match="forward only"):
+    jax_runner.compile_mode(attend, case, "bwd", repeat=4)

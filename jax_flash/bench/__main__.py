@@ -59,6 +59,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--max-round-seconds", type=float, default=0.5)
   parser.add_argument("--compile-threads", type=int, default=8)
+  parser.add_argument(
+      "--in-program-calls", type=int, default=1,
+      help="JAX forward rows: calls per program run (a loop inside one "
+           "compiled program), so that host dispatch stays out of short "
+           "calls such as decoding; times are per call")
   parser.add_argument("--time-limit", type=float,
                       help="start no new case after this many seconds")
   parser.add_argument("--isolate", action="store_true",
@@ -133,7 +138,8 @@ def _child_argv(args: argparse.Namespace, impl: str, out: pathlib.Path,
           "--modes", ",".join(args.modes), "--rounds", str(args.rounds),
           "--calls", str(args.calls), "--warmup", str(args.warmup),
           "--max-round-seconds", str(args.max_round_seconds),
-          "--compile-threads", str(args.compile_threads)]
+          "--compile-threads", str(args.compile_threads),
+          "--in-program-calls", str(args.in_program_calls)]
   if args.quick:
     argv.append("--quick")
   if args.head_dims:
@@ -204,6 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
       rounds=args.rounds, calls=args.calls, warmup=args.warmup,
       max_round_seconds=args.max_round_seconds, modes=tuple(args.modes),
       compile_threads=args.compile_threads,
+      in_program_calls=args.in_program_calls,
       # --quick (on a CPU most implementations cannot run) gives the
       # reasons once, in the summary, not once per case and mode.
       log_skipped=not args.quick)

@@ -37,6 +37,9 @@ class Settings:
     compile_threads: JAX programs of one case compiled concurrently.
     seed: base PRNG seed of the inputs.
     log_skipped: log a line for each record that was not measured too.
+    in_program_calls: calls per program run of the JAX forward programs
+      (`jax_runner.compile_mode`'s repeat): above 1, host dispatch stays
+      out of short calls such as decoding.
   """
 
   rounds: int = 5
@@ -47,6 +50,7 @@ class Settings:
   compile_threads: int = 8
   seed: int = 0
   log_skipped: bool = True
+  in_program_calls: int = 1
 
   def timing_options(self) -> dict[str, Any]:
     """Keyword arguments of `timing.time_calls`."""
@@ -75,7 +79,8 @@ def _skip_reason(impl: Implementation, case: Case, mode: str,
 def _record(case: Case, impl: Implementation, mode: str, *,
             note: Optional[str] = None, result: Optional[timing.Timing] = None,
             n_sets: int = 0, peak_bytes: Optional[int] = None,
-            error: Optional[float] = None) -> dict[str, Any]:
+            error: Optional[float] = None,
+            in_program_calls: int = 1) -> dict[str, Any]:
   record: dict[str, Any] = {
       "case": dataclasses.asdict(case), "impl": impl.name, "label": impl.label,
       "ours": impl.ours, "mode": mode,
@@ -90,7 +95,8 @@ def _record(case: Case, impl: Implementation, mode: str, *,
       status="ok", seconds=result.seconds, spread=result.spread,
       calls_per_round=result.calls_per_round, rounds=len(result.round_seconds),
       input_sets=n_sets, tflops=record["flops"] / result.seconds / 1e12,
-      peak_bytes=peak_bytes, check_error=error)
+      peak_bytes=peak_bytes, check_error=error,
+      in_program_calls=in_program_calls)
   if case.kind == "decode":
     moved = flops.kv_read_bytes(case.batch, case.kv_len, case.kv_heads,
                                 case.head_dim,
@@ -105,17 +111,21 @@ _compiled_once: set[str] = set()
 """Implementations this process has compiled a program of."""
 
 
-def _compile(impl: Implementation, case: Case,
-             mode: str) -> jax_runner.CompiledMode:
+def _compile(impl: Implementation, case: Case, mode: str,
+             in_program_calls: int = 1) -> jax_runner.CompiledMode:
+  if mode == "fwd" and in_program_calls > 1:
+    return jax_runner.compile_mode(
+        impl.build(case), case, mode, repeat=in_program_calls,
+        n_sets=timing.input_sets_needed(jax_runner.input_bytes(case)))
   return jax_runner.compile_mode(impl.build(case), case, mode)
 
 
-def _compile_now(impl: Implementation, case: Case,
-                 mode: str) -> concurrent.futures.Future:
+def _compile_now(impl: Implementation, case: Case, mode: str,
+                 in_program_calls: int = 1) -> concurrent.futures.Future:
   """Compiles on the calling thread; the result or error in a done future."""
   future: concurrent.futures.Future = concurrent.futures.Future()
   try:
-    future.set_result(_compile(impl, case, mode))
+    future.set_result(_compile(impl, case, mode, in_program_calls))
   except Exception as error:  # pylint: disable=broad-except
     future.set_exception(error)
   return future
@@ -155,13 +165,16 @@ def run_case(case: Case, impls: list[Implementation], settings: Settings,
     for impl, variant, mode, reason in plan:
       if reason is not None or impl.framework != "jax":
         continue
+      repeat = settings.in_program_calls
       if impl.name in _compiled_once:
-        compiled[(impl.name, mode)] = pool.submit(_compile, impl, variant, mode)
+        compiled[(impl.name, mode)] = pool.submit(_compile, impl, variant,
+                                                  mode, repeat)
       else:
         # An implementation's first compilation may load a library and
         # register custom calls, which need not be thread-safe: do it here.
         _compiled_once.add(impl.name)
-        compiled[(impl.name, mode)] = _compile_now(impl, variant, mode)
+        compiled[(impl.name, mode)] = _compile_now(impl, variant, mode,
+                                                   repeat)
     # Compilation autotunes on the device: let it finish before any timing.
     concurrent.futures.wait(compiled.values())
     inputs: dict[tuple[str, float], list[jax_runner.InputSet]] = {}
@@ -187,6 +200,7 @@ def _measure_one(impl: Implementation, case: Case, mode: str,
   # A kernel without a scale argument gets it folded into its queries, so
   # the check compares against unscaled attention of those queries.
   check_scale = case.softmax_scale if impl.applies_scale else 1.0
+  repeat = 1
   try:
     if impl.framework == "torch":
       result, rows, peak = torch_runner.measure(
@@ -200,6 +214,7 @@ def _measure_one(impl: Implementation, case: Case, mode: str,
       result, out = jax_runner.measure(program, inputs[key], mode,
                                        **settings.timing_options())
       peak = program.peak_bytes
+      repeat = program.repeat
       rows = None if out is None else (np.asarray(out[0]),) + inputs[key][0].row0()
   except Exception as error:  # pylint: disable=broad-except
     return _record(case, impl, mode, note=describe_error(error))
@@ -208,7 +223,7 @@ def _measure_one(impl: Implementation, case: Case, mode: str,
     error = checks.relative_error(*rows, softmax_scale=check_scale,
                                   causal=case.causal)
   return _record(case, impl, mode, result=result, n_sets=n_sets,
-                 peak_bytes=peak, error=error)
+                 peak_bytes=peak, error=error, in_program_calls=repeat)
 
 
 def _log_line(record: dict[str, Any], case: Case) -> str:

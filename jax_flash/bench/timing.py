@@ -86,3 +86,10 @@ def time_calls(launch: Callable[[int], Any], wait: Callable[[Any], None], *,
     wait(result)
     per_call.append((time.perf_counter() - start) / calls)
   return Timing(statistics.median(per_call), tuple(per_call), calls)
+
+
+def per_call(result: Timing, calls_per_run: int) -> Timing:
+  """`result` of runs that each make `calls_per_run` calls, per call."""
+  return Timing(result.seconds / calls_per_run,
+                tuple(t / calls_per_run for t in result.round_seconds),
+                result.calls_per_round * calls_per_run)
