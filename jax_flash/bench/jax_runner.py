@@ -196,6 +196,6 @@ def measure(compiled: CompiledMode, inputs: list[InputSet], mode: str,
   result = timing.time_calls(lambda i: program(*args[i % len(args)]),
                              jax.block_until_ready, **timing_options)
   if compiled.repeat > 1:
-    result = timing.per_call(result, compiled.repeat)
+    result = timing.per_inner_call(result, compiled.repeat)
   out = program(*args[0]) if mode == "fwd" else None
   return result, out

@@ -88,7 +88,7 @@ def time_calls(launch: Callable[[int], Any], wait: Callable[[Any], None], *,
   return Timing(statistics.median(per_call), tuple(per_call), calls)
 
 
-def per_call(result: Timing, calls_per_run: int) -> Timing:
+def per_inner_call(result: Timing, calls_per_run: int) -> Timing:
   """`result` of runs that each make `calls_per_run` calls, per call."""
   return Timing(result.seconds / calls_per_run,
                 tuple(t / calls_per_run for t in result.round_seconds),
