@@ -24,7 +24,8 @@
 //     next step. In deterministic mode the writer first waits for the query
 //     tile's semaphore (common/dq_order.h), so the consumers never wait for
 //     other CTAs unless the writer falls a whole step behind.
-// The epilogue writes dK (times the softmax scale) and dV from registers.
+// The epilogue stages dK (times the softmax scale) and dV in shared memory
+// and writes them as whole rows.
 #pragma once
 
 #include <cmath>
