@@ -74,6 +74,21 @@ def test_masks(options, parts):
                           masks)
 
 
+@pytest.mark.parametrize("options,parts", [
+    (dict(causal=True), dict(lengths=True)),
+    (dict(window_left=100, window_right=0), dict(segments=True)),
+])
+def test_more_work_tiles_than_multiprocessors(options, parts):
+  # 9 query tiles x 16 heads x 2 rows = 288 tiles of 128 rows, more than an
+  # H100/H200 has SMs: the persistent sm90 forward's CTAs each take several,
+  # and with Sq > Sk under a causal mask the first tiles see no key at all.
+  rng = np.random.default_rng(7)
+  q, k, v = _inputs(7, 2, 1100, 700, 16, 4, 128)
+  masks = make_masks(rng, 2, 1100, 700, 16, **parts)
+  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
+                          masks)
+
+
 @pytest.mark.parametrize("d,dv", [(64, 64), (40, 40), (128, 64), (96, 128)])
 def test_padded_head_dims(d, dv):
   q, k, v = _inputs(3, 2, 77, 91, 4, 2, d, dv)
@@ -266,3 +281,12 @@ def test_kernel_errors_surface_as_jax_errors(monkeypatch):
   grads = _grads(_config(128))
   with pytest.raises(Exception, match="jax_flash_bwd"):
     jax.block_until_ready(grads(q, k, v))
+
+
+def test_too_small_forward_workspace_is_a_clear_error(monkeypatch):
+  q, k, v = _inputs(11, 1, 64, 64, 2, 2, 128)
+  monkeypatch.setattr(library, "fwd_workspace_bytes", lambda: 0)
+  with pytest.raises(Exception, match="jax_flash_fwd: workspace"):
+    jax.block_until_ready(
+        jax.jit(lambda q, k, v: cuda.attention(q, k, v, _config(128),
+                                               MaskArrays()))(q, k, v))

@@ -33,9 +33,10 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute",
 @pytest.fixture(autouse=True)
 def without_library(monkeypatch):
   """The same view with or without a built library: every contract head dim
-  counts as compiled, and the backward's scratch size (which normally comes
-  from the library) is fixed."""
+  counts as compiled, and the forward's and backward's scratch sizes (which
+  normally come from the library) are fixed."""
   monkeypatch.setattr(library, "_load", lambda: "not loaded in these tests")
+  monkeypatch.setattr(library, "fwd_workspace_bytes", lambda: 16)
   monkeypatch.setattr(library, "bwd_workspace_bytes", lambda *shape: 256)
 
 
@@ -113,7 +114,9 @@ def test_forward_is_one_custom_call_with_contract_operands():
   assert ("(tensor<2x17x4x64xbf16>, tensor<2x33x2x64xbf16>, "
           "tensor<2x33x2x64xbf16>, tensor<0xf32>, tensor<0xi32>, "
           "tensor<0xi32>, tensor<0xi32>, tensor<2xi32>)") in call
-  assert "-> (tensor<2x17x4x64xbf16>, tensor<2x4x17xf32>)" in call
+  # Results: out, lse and the forward's scratch bytes.
+  assert ("-> (tensor<2x17x4x64xbf16>, tensor<2x4x17xf32>, "
+          "tensor<16xui8>)") in call
   for attr in ("softcap = 2.000000e+01 : f32", "softmax_scale = 1.250000e-01",
                "window_left = -1 : i32", "window_right = 0 : i32",
                "kernel_arch = 80 : i32"):

@@ -24,6 +24,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // dims do not fit there.)
 constexpr int kSm80SmemPerBlock = 163 * 1024;
 constexpr int kSm90SmemPerBlock = 227 * 1024;
+// The forward's workspace operand: the sm90 kernel's tile counter.
+constexpr int64_t kFwdWorkspaceBytes = 16;
 
 // Inputs and outputs of the forward pass, and everything a mask needs.
 struct FwdParams {
@@ -69,6 +71,9 @@ struct FwdParams {
   bool is_bf16 = true;  // T is bf16 (else fp16)
   int arch = 80;        // compute capability of the device, e.g. 80, 90
   int num_sms = 0;      // multiprocessors on the device
+  // sm90 forward: an int in global memory, zero at launch, from which the
+  // persistent CTAs claim their tiles (in the call's workspace).
+  int* tile_counter = nullptr;
   // Dynamic shared memory a CTA may opt into on the device (bytes); the
   // launch templates pick leaner variants below their fast kernels' needs.
   int max_smem_per_block = kSm90SmemPerBlock;

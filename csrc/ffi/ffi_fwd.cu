@@ -1,7 +1,7 @@
 // XLA FFI handler `JaxFlashFwd` (custom call target "jax_flash_fwd"): checks
 // the operands against docs/ffi_contract.md, fills FwdParams and launches the
 // forward kernel compiled for the chosen arch and the operands' dtype and
-// head dim.
+// head dim; and `jax_flash_fwd_workspace_bytes`.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,6 +31,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                    ffi::Buffer<ffi::S32> kv_lengths,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                   ffi::Result<ffi::Buffer<ffi::U8>> workspace,
                    float softmax_scale, int32_t window_left,
                    int32_t window_right, float softcap,
                    int32_t kernel_arch) {
@@ -104,6 +105,13 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   set_device_info(&p);
   e = check_kernel_arch(kTarget, kernel_arch, p);
   if (e.failure()) return e;
+  if (workspace->size_bytes() < kFwdWorkspaceBytes) {
+    return ffi::Error::InvalidArgument(
+        "jax_flash_fwd: workspace must be (" +
+        std::to_string(kFwdWorkspaceBytes) + ",) uint8; got " +
+        shape_text(workspace->dimensions()));
+  }
+  p.tile_counter = static_cast<int*>(workspace->untyped_data());
 
   const char* kernel = nullptr;
   int smem_needed = 0;
@@ -149,9 +157,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::S32>>()      // kv_lengths (B,) or (0,)
         .Ret<ffi::AnyBuffer>()             // out (B, Sq, H, Dv)
         .Ret<ffi::Buffer<ffi::F32>>()      // lse (B, H, Sq), natural log
+        .Ret<ffi::Buffer<ffi::U8>>()       // workspace (kFwdWorkspaceBytes,)
         .Attr<float>("softmax_scale")      // multiplies q.k first
         .Attr<int32_t>("window_left")      // -1 = unbounded
         .Attr<int32_t>("window_right")     // -1 = unbounded; causal = 0
         .Attr<float>("softcap")            // 0 = off
         .Attr<int32_t>("kernel_arch"),     // 80 or 90: the kernels to run
     {ffi::Traits::kCmdBufferCompatible});
+
+extern "C" int64_t jax_flash_fwd_workspace_bytes() {
+  return jax_flash::kFwdWorkspaceBytes;
+}

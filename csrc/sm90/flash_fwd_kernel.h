@@ -1,12 +1,20 @@
 // FlashAttention-3-style forward kernel for sm90 (TMA, wgmma, warp
-// specialization).
+// specialization), persistent with a dynamic tile scheduler.
 //
-// One CTA per (query tile of 128 rows, head, batch row), launched longest
-// first under causal/window masks. Three warpgroups:
-//   producer (warpgroup 0): one thread issues the TMA loads of the Q tile
-//     and, through two mbarrier pipelines (K and V, two stages each), of
-//     every visible K/V tile from the last one down; its registers go to
-//     the consumers (setmaxnreg).
+// One CTA per SM. Work tiles are (query tile of 128 rows, head, batch row)
+// in the order of a plain grid (fwd_tile_coords: within a head the query
+// tiles from the last one down, the longest first under causal/window
+// masks). A CTA starts with tile blockIdx.x and then takes the next
+// unclaimed tile from a counter in global memory (one atomicAdd per tile),
+// so the tiles in flight stay a window of consecutive tiles (the K/V of one
+// or two heads, which stay in L2) and no CTA idles while another holds a
+// long tile. Three warpgroups:
+//   producer (warpgroup 0): one thread claims the tiles, hands each one to
+//     the consumers with its Q tile (q_full) once they are done with the
+//     previous Q (q_empty), and through two mbarrier pipelines (K and V, two
+//     stages each) loads every visible K/V tile from the last one down; its
+//     registers go to the consumers (setmaxnreg). The next tile's Q and
+//     first K/V tiles arrive while the consumers write the previous output.
 //   consumers (warpgroups 1 and 2): 64 query rows each; per K/V tile
 //     S = Q K^T (wgmma, both operands in shared memory), logits and masks,
 //     online softmax in registers, then O += P V with P converted in
@@ -98,16 +106,38 @@ struct TensorCoreTurns {
       cutlass::arch::NamedBarrier::sync(kThreads, warpgroup);
     }
   }
-  // `last`: this warpgroup takes no further turn. Warpgroup 1 then does not
-  // hand over, which leaves both barriers with as many arrivals as waits.
-  __device__ __forceinline__ void pass_turn(bool last = false) const {
+  __device__ __forceinline__ void pass_turn() const {
     if constexpr (kEnabled) {
-      if (!(last && warpgroup == 1)) {
-        cutlass::arch::NamedBarrier::arrive(kThreads, 1 - warpgroup);
-      }
+      cutlass::arch::NamedBarrier::arrive(kThreads, 1 - warpgroup);
+    }
+  }
+  // After the last tile: warpgroup 0 takes the turn warpgroup 1 handed over
+  // last, which leaves both barriers with as many arrivals as waits (both
+  // warpgroups take the same number of turns, one per GEMM batch of the
+  // same tiles).
+  __device__ __forceinline__ void finish() const {
+    if constexpr (kEnabled) {
+      if (warpgroup == 0) cutlass::arch::NamedBarrier::sync(kThreads, 0);
     }
   }
 };
+
+// Work tile t of a persistent grid: query tile, head and batch row in the
+// order of a (query tiles, heads, batch) grid, the query tiles of a head
+// from the last one down (the longest first under a causal mask).
+struct FwdTile {
+  int m_block, h, b;
+
+  __device__ __forceinline__ static FwdTile make(int t, int num_m_blocks,
+                                                 int num_heads) {
+    const int head_row = t / num_m_blocks;
+    return {num_m_blocks - 1 - (t - head_row * num_m_blocks),
+            head_row % num_heads, head_row / num_heads};
+  }
+};
+
+// Sentinel tile index: no more work.
+constexpr int kNoTile = -1;
 
 // Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h): the
 // tile sees no key.
@@ -143,23 +173,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
   const FwdParams& p = params.p;
-
-  // Longest query tiles first: under a causal mask the last tiles have the
-  // most keys, and starting them first evens out the tail of the grid.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int h = blockIdx.y;
-  const int b = blockIdx.z;
-  const int m0 = m_block * kBlockM;
-  const int kv_h = h / (p.num_heads / p.num_heads_kv);
-  const AttentionMask mask = AttentionMask::make(p, b);
-  const int key_lo = mask.key_begin(m0);
-  const int key_hi = mask.key_end(m0 + kBlockM);
-  if (key_lo >= key_hi) {
-    write_empty_tile<Traits>(p, b, h, m0, threadIdx.x, Traits::kThreads);
-    return;
-  }
-  const int n_lo = key_lo / kBlockN;
-  const int n_hi = (key_hi - 1) / kBlockN;
+  const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
   // Warp-uniform (a shuffle from lane 0): kept in a uniform register, where
   // threadIdx.x / 128 is re-read from the special register at every use
   // under register pressure.
@@ -174,7 +188,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   pipeline_params.num_consumers = Traits::kConsumerThreads;
   Pipeline pipeline_k(smem.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_v(smem.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
-  if (threadIdx.x == 0) smem.q_full.init(1);
+  if (threadIdx.x == 0) {
+    smem.q_full.init(1);
+    smem.q_empty.init(Traits::kConsumerThreads);
+  }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
@@ -191,6 +208,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     // ---- producer ----
     cutlass::arch::warpgroup_reg_dealloc<kFwdProducerRegisters>();
     if (threadIdx.x != 0) return;
+    const int num_tiles = num_m_blocks * p.num_heads * p.batch;
     auto shape = [](int s, int heads, const FwdParams& q) {
       return make_shape(s, q.head_dim, heads, q.batch);
     };
@@ -199,41 +217,70 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
         params.tma_k.get_tma_tensor(shape(p.seqlen_k, p.num_heads_kv, p));
     Tensor mV =
         params.tma_v.get_tma_tensor(shape(p.seqlen_k, p.num_heads_kv, p));
-    Tensor gQ = local_tile(mQ(_, _, h, b),
-                           Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                           make_coord(m_block, _0{}));
-    Tensor gK = local_tile(mK(_, _, kv_h, b),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                           make_coord(_, _0{}));  // (N, D, n)
-    Tensor gV = local_tile(mV(_, _, kv_h, b),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                           make_coord(_, _0{}));
-    auto [tQg, tQs] = tma_partition(params.tma_q, _0{}, Layout<_1>{},
-                                    group_modes<0, 2>(sQ),
-                                    group_modes<0, 2>(gQ));
-    auto [tKg, tKs] = tma_partition(params.tma_k, _0{}, Layout<_1>{},
-                                    group_modes<0, 2>(sK),
-                                    group_modes<0, 2>(gK));
-    auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{},
-                                    group_modes<0, 2>(sV),
-                                    group_modes<0, 2>(gV));
-    smem.q_full.arrive_and_expect_tx(Traits::kQBytes);
-    copy(params.tma_q.with(
-             reinterpret_cast<typename Pipeline::ProducerBarrierType&>(
-                 smem.q_full),
-             0),
-         tQg, tQs);
     auto write = cutlass::make_producer_start_state<Pipeline>();
-    for (int n = n_hi; n >= n_lo; --n) {
-      pipeline_k.producer_acquire(write);
-      copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write), 0),
-           tKg(_, n), tKs(_, write.index()));
-      pipeline_v.producer_acquire(write);
-      copy(params.tma_v.with(*pipeline_v.producer_get_barrier(write), 0),
-           tVg(_, n), tVs(_, write.index()));
-      ++write;
+    int tile = blockIdx.x;
+    for (int it = 0;; ++it) {
+      // Claim the next tile first: the atomic's latency passes under this
+      // tile's loads.
+      const int next = tile < num_tiles
+                           ? gridDim.x + atomicAdd(p.tile_counter, 1)
+                           : num_tiles;
+      // The consumers are done with the previous tile's Q and index.
+      if (it > 0) smem.q_empty.wait((it - 1) & 1);
+      if (tile >= num_tiles) {
+        smem.tile = kNoTile;
+        smem.q_full.arrive();
+        return;
+      }
+      smem.tile = tile;  // published by the arrival on q_full (release)
+      const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads);
+      const int m0 = w.m_block * kBlockM;
+      const AttentionMask mask = AttentionMask::make(p, w.b);
+      const int key_lo = mask.key_begin(m0);
+      const int key_hi = mask.key_end(m0 + kBlockM);
+      if (key_lo >= key_hi) {  // no key to load; the consumers write zeros
+        smem.q_full.arrive();
+        tile = next;
+        continue;
+      }
+      const int kv_h = w.h / (p.num_heads / p.num_heads_kv);
+      Tensor gQ = local_tile(mQ(_, _, w.h, w.b),
+                             Shape<Int<kBlockM>, Int<kHeadDim>>{},
+                             make_coord(w.m_block, _0{}));
+      Tensor gK = local_tile(mK(_, _, kv_h, w.b),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                             make_coord(_, _0{}));  // (N, D, n)
+      Tensor gV = local_tile(mV(_, _, kv_h, w.b),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{},
+                             make_coord(_, _0{}));
+      auto [tQg, tQs] = tma_partition(params.tma_q, _0{}, Layout<_1>{},
+                                      group_modes<0, 2>(sQ),
+                                      group_modes<0, 2>(gQ));
+      auto [tKg, tKs] = tma_partition(params.tma_k, _0{}, Layout<_1>{},
+                                      group_modes<0, 2>(sK),
+                                      group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{},
+                                      group_modes<0, 2>(sV),
+                                      group_modes<0, 2>(gV));
+      smem.q_full.arrive_and_expect_tx(Traits::kQBytes);
+      copy(params.tma_q.with(
+               reinterpret_cast<typename Pipeline::ProducerBarrierType&>(
+                   smem.q_full),
+               0),
+           tQg, tQs);
+      const int n_lo = key_lo / kBlockN;
+      const int n_hi = (key_hi - 1) / kBlockN;
+      for (int n = n_hi; n >= n_lo; --n) {
+        pipeline_k.producer_acquire(write);
+        copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write), 0),
+             tKg(_, n), tKs(_, write.index()));
+        pipeline_v.producer_acquire(write);
+        copy(params.tma_v.with(*pipeline_v.producer_get_barrier(write), 0),
+             tVg(_, n), tVs(_, write.index()));
+        ++write;
+      }
+      tile = next;
     }
-    return;
   }
 
   // ---- consumers ----
@@ -248,7 +295,6 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrO =
       partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-  clear(tOrO);
   Tensor o_rc = make_tensor(tOrO.data(), accumulator_rows_cols(tOrO.layout()));
 
   // Tile coordinates (row, column) of this thread's score elements.
@@ -259,50 +305,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
                                  accumulator_rows_cols(score_coords.layout()));
   constexpr int kRows = decltype(size<0>(coords_rc))::value;
   RowSoftmax<kRows> softmax;
-  softmax.init();
-
-  const ScoreMod score_mod = ScoreMod::make(p, b, h, mask);
   // With score modifiers the scores are natural-log logits already scaled.
   const float scale_log2 = kScoreMod ? kLog2e : p.softmax_scale_log2;
-
-  // Tiles wholly inside the unmasked key range skip the per-element mask.
-  int free_lo, free_hi;
-  mask.unmasked_keys(m0, m0 + kBlockM, &free_lo, &free_hi);
-  const int full_lo = max(n_lo, ceil_div(free_lo, kBlockN));
-  const int full_hi = min(n_hi, free_hi / kBlockN - 1);
-
-  // Logits, then (kMasked: a tile that crosses a mask boundary) the mask.
-  // The mask is a compile-time choice so that the loop over tiles wholly
-  // inside the visible range carries none of its code or registers.
-  auto mask_and_modify = [&](auto& s_rc, int n, auto masked_c)
-      __attribute__((always_inline)) {
-    constexpr bool kMasked = decltype(masked_c)::value;
-    const int n0 = n * kBlockN;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = m0 + get<0>(coords_rc(r, 0));
-      const MaskRow row = mask.row(i);
-#pragma unroll
-      for (int c = 0; c < size<1>(s_rc); ++c) {
-        const int j = n0 + get<1>(coords_rc(r, c));
-        if constexpr (kScoreMod) s_rc(r, c) = score_mod(s_rc(r, c), i, j);
-        if constexpr (kMasked) {
-          const int kv_segment = mask.has_segments()
-              ? mask.kv_segment_ids[min(j, p.seqlen_k - 1)] : 0;
-          if (!row.sees(j, kv_segment)) s_rc(r, c) = -INFINITY;
-        }
-      }
-    }
-  };
   using Masked = cute::true_type;
   using Unmasked = cute::false_type;
 
-  // Software pipeline over the K/V tiles, from the last one down (tile n
-  // follows tile n + 1): while the softmax of S(n) runs on the CUDA cores,
-  // the tensor cores compute O += P(n + 1) V(n + 1). Per step:
-  //   issue S(n) = Q K(n)^T, then O += P(n + 1) V(n + 1);
-  //   wait for S(n); softmax of S(n) (overlapping the P V product);
-  //   wait for O; rescale O by the max's growth; P(n) = bf16(S(n)).
   const TensorCoreTurns<Traits::kPingPong> turns{warpgroup - 1};
   turns.start();
   float rescale[kRows];
@@ -314,103 +321,164 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
 #pragma unroll
     for (int e = 0; e < size(tSrS); ++e) rP(e) = static_cast<Element>(tSrS(e));
   };
+  // The K/V stage of the next S GEMM; runs on across tiles, as the
+  // producer's does.
+  typename Pipeline::PipelineState read;
 
-  smem.q_full.wait(0);
-  typename Pipeline::PipelineState read;  // K tile of this step
-  {
-    Tensor tSrS =
-        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    pipeline_k.consumer_wait(read);
-    turns.wait_turn();
-    warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
-                                      tSrK(_, _, _, read.index()), tSrS);
-    turns.pass_turn();
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(tSrS);
-    pipeline_k.consumer_release(read);
-    Tensor s_rc =
-        make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
-    if (n_hi < full_lo || n_hi > full_hi) {
-      mask_and_modify(s_rc, n_hi, Masked{});
-    } else {
-      mask_and_modify(s_rc, n_hi, Unmasked{});
+  for (int it = 0;; ++it) {
+    smem.q_full.wait(it & 1);
+    const int tile = smem.tile;
+    if (tile == kNoTile) break;
+    const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads);
+    const int m0 = w.m_block * kBlockM;
+    const AttentionMask mask = AttentionMask::make(p, w.b);
+    const int key_lo = mask.key_begin(m0);
+    const int key_hi = mask.key_end(m0 + kBlockM);
+    if (key_lo >= key_hi) {
+      smem.q_empty.arrive();
+      write_empty_tile<Traits>(p, w.b, w.h, m0, tid, Traits::kConsumerThreads);
+      continue;
     }
-    softmax.update(s_rc, scale_log2, rescale);  // O is 0: no rescale
-    convert_p(tSrS);
-  }
-  typename Pipeline::PipelineState read_v = read;  // V tile of P in hand
-  ++read;
-  // Always inlined: a call would move the register state to the stack.
-  auto step = [&](int n, auto masked_c) __attribute__((always_inline)) {
-    Tensor tSrS =
-        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    pipeline_k.consumer_wait(read);
+    const int n_lo = key_lo / kBlockN;
+    const int n_hi = (key_hi - 1) / kBlockN;
+    const ScoreMod score_mod = ScoreMod::make(p, w.b, w.h, mask);
+    // Tiles wholly inside the unmasked key range skip the per-element mask.
+    int free_lo, free_hi;
+    mask.unmasked_keys(m0, m0 + kBlockM, &free_lo, &free_hi);
+    const int full_lo = max(n_lo, ceil_div(free_lo, kBlockN));
+    const int full_hi = min(n_hi, free_hi / kBlockN - 1);
+
+    // Logits, then (kMasked: a tile that crosses a mask boundary) the mask.
+    // The mask is a compile-time choice so that the loop over tiles wholly
+    // inside the visible range carries none of its code or registers.
+    auto mask_and_modify = [&](auto& s_rc, int n, auto masked_c)
+        __attribute__((always_inline)) {
+      constexpr bool kMasked = decltype(masked_c)::value;
+      const int n0 = n * kBlockN;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int i = m0 + get<0>(coords_rc(r, 0));
+        const MaskRow row = mask.row(i);
+#pragma unroll
+        for (int c = 0; c < size<1>(s_rc); ++c) {
+          const int j = n0 + get<1>(coords_rc(r, c));
+          if constexpr (kScoreMod) s_rc(r, c) = score_mod(s_rc(r, c), i, j);
+          if constexpr (kMasked) {
+            const int kv_segment = mask.has_segments()
+                ? mask.kv_segment_ids[min(j, p.seqlen_k - 1)] : 0;
+            if (!row.sees(j, kv_segment)) s_rc(r, c) = -INFINITY;
+          }
+        }
+      }
+    };
+
+    // Software pipeline over the K/V tiles, from the last one down (tile n
+    // follows tile n + 1): while the softmax of S(n) runs on the CUDA
+    // cores, the tensor cores compute O += P(n + 1) V(n + 1). Per step:
+    //   issue S(n) = Q K(n)^T, then O += P(n + 1) V(n + 1);
+    //   wait for S(n); softmax of S(n) (overlapping the P V product);
+    //   wait for O; rescale O by the max's growth; P(n) = bf16(S(n)).
+    clear(tOrO);
+    softmax.init();
+    {
+      Tensor tSrS =
+          partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      pipeline_k.consumer_wait(read);
+      turns.wait_turn();
+      warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
+                                        tSrK(_, _, _, read.index()), tSrS);
+      turns.pass_turn();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+      pipeline_k.consumer_release(read);
+      Tensor s_rc =
+          make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
+      if (n_hi < full_lo || n_hi > full_hi) {
+        mask_and_modify(s_rc, n_hi, Masked{});
+      } else {
+        mask_and_modify(s_rc, n_hi, Unmasked{});
+      }
+      softmax.update(s_rc, scale_log2, rescale);  // O is 0: no rescale
+      convert_p(tSrS);
+    }
+    typename Pipeline::PipelineState read_v = read;  // V tile of P in hand
+    ++read;
+    // Always inlined: a call would move the register state to the stack.
+    auto step = [&](int n, auto masked_c) __attribute__((always_inline)) {
+      Tensor tSrS =
+          partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      pipeline_k.consumer_wait(read);
+      pipeline_v.consumer_wait(read_v);
+      turns.wait_turn();
+      warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
+                                        tSrK(_, _, _, read.index()), tSrS);
+      warpgroup_gemm_issue<false, true>(mma_o, tOrP,
+                                        tOrV(_, _, _, read_v.index()), tOrO);
+      turns.pass_turn();
+      warpgroup_wait<1>();  // S(n) is in
+      warpgroup_fence_operand(tSrS);
+      pipeline_k.consumer_release(read);
+      Tensor s_rc =
+          make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
+      mask_and_modify(s_rc, n, masked_c);
+      softmax.update(s_rc, scale_log2, rescale);
+      warpgroup_fence_operand(tSrS);
+      warpgroup_wait<0>();  // O += P(n + 1) V(n + 1) is in
+      warpgroup_fence_operand(tOrO);
+      pipeline_v.consumer_release(read_v);
+      RowSoftmax<kRows>::rescale_rows(o_rc, rescale);
+      convert_p(tSrS);
+      read_v = read;
+      ++read;
+    };
+    // Tiles above the visible range's last whole tile (the causal
+    // diagonal), then the whole tiles, then those below (a window's left
+    // edge).
+    int n = n_hi - 1;
+    for (; n >= n_lo && n > full_hi; --n) step(n, Masked{});
+    for (; n >= n_lo && n >= full_lo; --n) step(n, Unmasked{});
+    for (; n >= n_lo; --n) step(n, Masked{});
+    // O += P(n_lo) V(n_lo)
     pipeline_v.consumer_wait(read_v);
     turns.wait_turn();
-    warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
-                                      tSrK(_, _, _, read.index()), tSrS);
     warpgroup_gemm_issue<false, true>(mma_o, tOrP,
                                       tOrV(_, _, _, read_v.index()), tOrO);
     turns.pass_turn();
-    warpgroup_wait<1>();  // S(n) is in
-    warpgroup_fence_operand(tSrS);
-    pipeline_k.consumer_release(read);
-    Tensor s_rc =
-        make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
-    mask_and_modify(s_rc, n, masked_c);
-    softmax.update(s_rc, scale_log2, rescale);
-    warpgroup_fence_operand(tSrS);
-    warpgroup_wait<0>();  // O += P(n + 1) V(n + 1) is in
+    warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     pipeline_v.consumer_release(read_v);
-    RowSoftmax<kRows>::rescale_rows(o_rc, rescale);
-    convert_p(tSrS);
-    read_v = read;
-    ++read;
-  };
-  // Tiles above the visible range's last whole tile (the causal diagonal),
-  // then the whole tiles, then those below (a window's left edge).
-  int n = n_hi - 1;
-  for (; n >= n_lo && n > full_hi; --n) step(n, Masked{});
-  for (; n >= n_lo && n >= full_lo; --n) step(n, Unmasked{});
-  for (; n >= n_lo; --n) step(n, Masked{});
-  // O += P(n_lo) V(n_lo)
-  pipeline_v.consumer_wait(read_v);
-  turns.wait_turn();
-  warpgroup_gemm_issue<false, true>(mma_o, tOrP,
-                                    tOrV(_, _, _, read_v.index()), tOrO);
-  turns.pass_turn(/*last=*/true);
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(tOrO);
-  pipeline_v.consumer_release(read_v);
+    // Every GEMM of this tile is done: Q's buffer may take the next tile's.
+    smem.q_empty.arrive();
 
-  // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
-  float inv_sum[kRows];
-  float lse[kRows];
-  softmax.finalize(inv_sum, lse, scale_log2);
-  Tensor out_coords = thr_o.partition_C(
-      make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  Tensor out_rc = make_tensor(out_coords.data(),
-                              accumulator_rows_cols(out_coords.layout()));
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride +
-           h * p.out_head_stride;
-  float* lse_out =
-      p.lse + (static_cast<int64_t>(b) * p.num_heads + h) * p.seqlen_q;
+    // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
+    float inv_sum[kRows];
+    float lse[kRows];
+    softmax.finalize(inv_sum, lse, scale_log2);
+    Tensor out_coords = thr_o.partition_C(
+        make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor out_rc = make_tensor(out_coords.data(),
+                                accumulator_rows_cols(out_coords.layout()));
+    T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
+             w.h * p.out_head_stride;
+    float* lse_out =
+        p.lse + (static_cast<int64_t>(w.b) * p.num_heads + w.h) * p.seqlen_q;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int i = m0 + get<0>(out_rc(r, 0));
-    if (i >= p.seqlen_q) continue;
-    const bool live = i < mask.q_len;
-    const float scale = live ? inv_sum[r] : 0.f;
-    T* row = out + static_cast<int64_t>(i) * p.out_row_stride;
+    for (int r = 0; r < kRows; ++r) {
+      const int i = m0 + get<0>(out_rc(r, 0));
+      if (i >= p.seqlen_q) continue;
+      const bool live = i < mask.q_len;
+      const float scale = live ? inv_sum[r] : 0.f;
+      T* row = out + static_cast<int64_t>(i) * p.out_row_stride;
 #pragma unroll
-    for (int c = 0; c < size<1>(o_rc); c += 2) {
-      // Columns c and c + 1 of the view are adjacent output columns.
-      *reinterpret_cast<uint32_t*>(row + get<1>(out_rc(r, c))) =
-          pack2<T>(o_rc(r, c) * scale, o_rc(r, c + 1) * scale);
+      for (int c = 0; c < size<1>(o_rc); c += 2) {
+        // Columns c and c + 1 of the view are adjacent output columns.
+        *reinterpret_cast<uint32_t*>(row + get<1>(out_rc(r, c))) =
+            pack2<T>(o_rc(r, c) * scale, o_rc(r, c + 1) * scale);
+      }
+      if (tid % 4 == 0) lse_out[i] = live ? lse[r] : -INFINITY;
     }
-    if (tid % 4 == 0) lse_out[i] = live ? lse[r] : -INFINITY;
   }
+  turns.finish();
 }
 
 }  // namespace sm90

@@ -115,7 +115,11 @@ struct FwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>> v;
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
+    // The consumers' Q tile has landed (with the tile's index, below).
     cutlass::arch::ClusterTransactionBarrier q_full;
+    // The consumers are done with Q and the index: the next tile may come.
+    cutlass::arch::ClusterBarrier q_empty;
+    int tile;  // work tile index of the Q tile in hand, or kNoTile
   };
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 };

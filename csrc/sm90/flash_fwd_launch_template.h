@@ -1,7 +1,8 @@
 // Launches the sm90 forward kernel for one (dtype, head dim): builds the TMA
-// descriptors of q, k and v from FwdParams and picks the score-modifier
-// variant. Instantiated once per pair by the files build/generate_kernels.py
-// writes (compiled for sm_90a only).
+// descriptors of q, k and v from FwdParams, zeroes the tile counter of the
+// persistent grid and picks the score-modifier variant. Instantiated once
+// per pair by the files build/generate_kernels.py writes (compiled for
+// sm_90a only).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,6 +52,8 @@ FwdKernelParams<Traits> make_kernel_params(const FwdParams& p) {
           make_tma_copy(SM90_TMA_LOAD{}, v, kv_layout, TileKV{}, _1{})};
 }
 
+// The persistent grid: one CTA per SM (at most one per tile); the CTAs
+// claim their tiles from p.tile_counter, zeroed here first.
 template <typename Traits, bool kScoreMod>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   auto kernel = &flash_fwd_sm90_kernel<Traits, kScoreMod>;
@@ -59,9 +62,13 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // attribute is per device, so it is set at every launch.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        kSmem);
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.num_heads,
-                  p.batch);
-  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(
+  const int64_t tiles = static_cast<int64_t>(ceil_div(p.seqlen_q,
+                                                      Traits::kBlockM)) *
+                        p.num_heads * p.batch;
+  const int ctas = static_cast<int>(
+      tiles < p.num_sms ? tiles : static_cast<int64_t>(p.num_sms));
+  cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
+  kernel<<<ctas, Traits::kThreads, kSmem, stream>>>(
       make_kernel_params<Traits>(p));
 }
 

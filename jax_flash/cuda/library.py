@@ -146,6 +146,8 @@ def _load() -> Union[Library, str]:
     handle = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
     handle.jax_flash_build_info.restype = ctypes.c_char_p
     handle.jax_flash_build_info.argtypes = []
+    handle.jax_flash_fwd_workspace_bytes.restype = ctypes.c_int64
+    handle.jax_flash_fwd_workspace_bytes.argtypes = []
     handle.jax_flash_bwd_workspace_bytes.restype = ctypes.c_int64
     handle.jax_flash_bwd_workspace_bytes.argtypes = (
         [ctypes.c_int64] * 7 + [ctypes.c_int32])
@@ -261,6 +263,12 @@ def register_targets() -> None:
   for target, symbol in _HANDLER_SYMBOLS.items():
     jax.ffi.register_ffi_target(
         target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="CUDA")
+
+
+def fwd_workspace_bytes() -> int:
+  """Bytes of scratch the forward call takes (the sm90 kernel's tile
+  counter; the sm80 kernel leaves it alone)."""
+  return load().handle.jax_flash_fwd_workspace_bytes()
 
 
 def bwd_workspace_bytes(batch: int, sq: int, sk: int, heads: int,

@@ -81,7 +81,7 @@ _ATTRIBUTES = ("softmax_scale", "window_left", "window_right", "softcap",
 
 FORWARD = CustomCall(
     library.FORWARD_TARGET, operands=("q", "k", "v"), optional=MASK_OPERANDS,
-    results=("out", "lse"), attributes=_ATTRIBUTES)
+    results=("out", "lse", "workspace"), attributes=_ATTRIBUTES)
 
 BACKWARD = CustomCall(
     library.BACKWARD_TARGET,
@@ -143,9 +143,11 @@ def forward_call(q: jax.Array, k: jax.Array, v: jax.Array,
     return decode.decode_call(q, k, v, lengths, config=config,
                               alibi_slopes=given.get("alibi_slopes"))
   results = (jax.ShapeDtypeStruct(q.shape[:3] + v.shape[3:], q.dtype),
-             jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32))
-  out, lse = FORWARD(results, (q, k, v), dict(zip(mask_names, masks)),
-                     _attributes(config, "fwd", q))
+             jax.ShapeDtypeStruct((batch, heads, sq), jnp.float32),
+             jax.ShapeDtypeStruct((library.fwd_workspace_bytes(),),
+                                  jnp.uint8))
+  out, lse, _ = FORWARD(results, (q, k, v), dict(zip(mask_names, masks)),
+                        _attributes(config, "fwd", q))
   return out, lse
 
 
