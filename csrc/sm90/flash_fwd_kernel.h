@@ -220,11 +220,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     auto write = cutlass::make_producer_start_state<Pipeline>();
     int tile = blockIdx.x;
     for (int it = 0;; ++it) {
+      if (!Traits::kPersistent && it > 0) return;  // one tile per CTA
       // Claim the next tile first: the atomic's latency passes under this
       // tile's loads.
-      const int next = tile < num_tiles
-                           ? gridDim.x + atomicAdd(p.tile_counter, 1)
-                           : num_tiles;
+      int next = num_tiles;  // one tile per CTA unless persistent
+      if constexpr (Traits::kPersistent) {
+        if (tile < num_tiles) next = gridDim.x + atomicAdd(p.tile_counter, 1);
+      }
       // The consumers are done with the previous tile's Q and index.
       if (it > 0) smem.q_empty.wait((it - 1) & 1);
       if (tile >= num_tiles) {
@@ -326,6 +328,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   typename Pipeline::PipelineState read;
 
   for (int it = 0;; ++it) {
+    if (!Traits::kPersistent && it > 0) break;  // one tile per CTA
     smem.q_full.wait(it & 1);
     const int tile = smem.tile;
     if (tile == kNoTile) break;

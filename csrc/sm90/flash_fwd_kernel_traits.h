@@ -31,6 +31,7 @@ struct FwdKernelTraits {
   static constexpr int kBlockN = fwd_block_n(kHeadDim);
   static constexpr int kStages = fwd_stages(kHeadDim);
   static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
+  static constexpr bool kPersistent = fwd_persistent(kHeadDim);
   static constexpr int kConsumerWarpgroups = kFwdConsumerWarpgroups;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * 128;
   static constexpr int kThreads = kFwdThreads;

@@ -52,8 +52,9 @@ FwdKernelParams<Traits> make_kernel_params(const FwdParams& p) {
           make_tma_copy(SM90_TMA_LOAD{}, v, kv_layout, TileKV{}, _1{})};
 }
 
-// The persistent grid: one CTA per SM (at most one per tile); the CTAs
-// claim their tiles from p.tile_counter, zeroed here first.
+// The persistent grid (Traits::kPersistent): one CTA per SM (at most one
+// per tile); the CTAs claim their tiles from p.tile_counter, zeroed here
+// first. Otherwise one CTA per tile.
 template <typename Traits, bool kScoreMod>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   auto kernel = &flash_fwd_sm90_kernel<Traits, kScoreMod>;
@@ -66,8 +67,11 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                                                       Traits::kBlockM)) *
                         p.num_heads * p.batch;
   const int ctas = static_cast<int>(
-      tiles < p.num_sms ? tiles : static_cast<int64_t>(p.num_sms));
-  cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
+      !Traits::kPersistent || tiles < p.num_sms
+          ? tiles : static_cast<int64_t>(p.num_sms));
+  if (Traits::kPersistent) {
+    cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
+  }
   kernel<<<ctas, Traits::kThreads, kSmem, stream>>>(
       make_kernel_params<Traits>(p));
 }
