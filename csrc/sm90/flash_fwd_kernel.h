@@ -1,14 +1,15 @@
 // FlashAttention-3-style forward kernel for sm90 (TMA, wgmma, warp
-// specialization), persistent with a dynamic tile scheduler.
+// specialization), persistent with a dynamic tile scheduler up to D = 128.
 //
-// One CTA per SM. Work tiles are (query tile of 128 rows, head, batch row)
-// in the order of a plain grid (fwd_tile_coords: within a head the query
-// tiles from the last one down, the longest first under causal/window
-// masks). A CTA starts with tile blockIdx.x and then takes the next
-// unclaimed tile from a counter in global memory (one atomicAdd per tile),
-// so the tiles in flight stay a window of consecutive tiles (the K/V of one
-// or two heads, which stay in L2) and no CTA idles while another holds a
-// long tile. Three warpgroups:
+// Work tiles are (query tile of 128 rows, head, batch row) in the order of
+// a plain grid (FwdTile::make: within a head the query tiles from the last
+// one down, the longest first under causal/window masks). Persistent
+// (Traits::kPersistent, D <= 128): one CTA per SM; a CTA starts with tile
+// blockIdx.x and then takes the next unclaimed tile from a counter in
+// global memory (one atomicAdd per tile), so the tiles in flight stay a
+// window of consecutive tiles (the K/V of one or two heads, which stay in
+// L2) and no CTA idles while another holds a long tile. Otherwise (D > 128, where the loop's state would spill) one
+// CTA per tile, leaving both loops after it. Three warpgroups:
 //   producer (warpgroup 0): one thread claims the tiles, hands each one to
 //     the consumers with its Q tile (q_full) once they are done with the
 //     previous Q (q_empty), and through two mbarrier pipelines (K and V, two
