@@ -3,7 +3,9 @@
 Each program in tests/csrc/ runs the kernels' own functions on the host:
 check_bwd_layouts.cu compares the sm90 backward's address shortcuts with
 cute's layouts for every thread; check_dq_order.cu checks the deterministic
-dQ order for many masks and simulates launches of it to completion. They
+dQ order for many masks and simulates launches of it to completion;
+check_fwd_tiles.cu checks the sm90 forward's tile order and simulates its
+persistent schedule. They
 need nvcc and the CUTLASS headers (nvidia-cutlass) but no GPU.
 """
 import pathlib
@@ -18,7 +20,8 @@ import build_cuda  # pylint: disable=wrong-import-position
 
 
 @pytest.mark.parametrize("program", ["check_bwd_layouts.cu",
-                                     "check_dq_order.cu"])
+                                     "check_dq_order.cu",
+                                     "check_fwd_tiles.cu"])
 def test_kernel_addresses_match_cute_layouts(program, tmp_path):
   nvcc = build_cuda.find_nvcc()
   if nvcc is None:

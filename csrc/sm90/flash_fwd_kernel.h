@@ -41,6 +41,7 @@
 #include "common/flash.h"
 #include "common/mask.h"
 #include "sm90/flash_fwd_kernel_traits.h"
+#include "sm90/fwd_tile.h"
 #include "sm90/softmax.h"
 #include "common/utils.h"
 
@@ -122,23 +123,6 @@ struct TensorCoreTurns {
     }
   }
 };
-
-// Work tile t of a persistent grid: query tile, head and batch row in the
-// order of a (query tiles, heads, batch) grid, the query tiles of a head
-// from the last one down (the longest first under a causal mask).
-struct FwdTile {
-  int m_block, h, b;
-
-  __device__ __forceinline__ static FwdTile make(int t, int num_m_blocks,
-                                                 int num_heads) {
-    const int head_row = t / num_m_blocks;
-    return {num_m_blocks - 1 - (t - head_row * num_m_blocks),
-            head_row % num_heads, head_row / num_heads};
-  }
-};
-
-// Sentinel tile index: no more work.
-constexpr int kNoTile = -1;
 
 // Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h): the
 // tile sees no key.

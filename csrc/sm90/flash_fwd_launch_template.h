@@ -12,6 +12,7 @@
 #include "common/flash.h"
 #include "sm90/flash_fwd_kernel.h"
 #include "sm90/flash_fwd_kernel_traits.h"
+#include "sm90/fwd_tile.h"
 #include "common/utils.h"
 
 namespace jax_flash {
@@ -66,9 +67,7 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   const int64_t tiles = static_cast<int64_t>(ceil_div(p.seqlen_q,
                                                       Traits::kBlockM)) *
                         p.num_heads * p.batch;
-  const int ctas = static_cast<int>(
-      !Traits::kPersistent || tiles < p.num_sms
-          ? tiles : static_cast<int64_t>(p.num_sms));
+  const int ctas = fwd_num_ctas(tiles, p.num_sms, Traits::kPersistent);
   if (Traits::kPersistent) {
     cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream);
   }
