@@ -38,6 +38,16 @@ def _config(d, **options):
   return AttentionConfig(softmax_scale=d ** -0.5, **options)
 
 
+def _check_masked(seed, batch, sq, sk, heads, kv_heads, options, parts):
+  """D = 128 with config `options` and random mask arrays `parts`
+  (make_masks), against the float32 reference."""
+  q, k, v = _inputs(seed, batch, sq, sk, heads, kv_heads, 128)
+  masks = make_masks(np.random.default_rng(seed), batch, sq, sk, heads,
+                     **parts)
+  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
+                          masks)
+
+
 @pytest.mark.parametrize("sq,sk", [(1, 1), (17, 17), (113, 113), (257, 257),
                                    (1000, 1000), (1, 257), (113, 1000),
                                    (1000, 17)])
@@ -67,11 +77,7 @@ def test_gqa(heads, kv_heads):
      dict(alibi=True, segments=True, lengths=True)),
 ])
 def test_masks(options, parts):
-  rng = np.random.default_rng(2)
-  q, k, v = _inputs(2, 3, 130, 200, 4, 2, 128)
-  masks = make_masks(rng, 3, 130, 200, 4, **parts)
-  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
-                          masks)
+  _check_masked(2, 3, 130, 200, 4, 2, options, parts)
 
 
 @pytest.mark.parametrize("options,parts", [
@@ -82,11 +88,7 @@ def test_more_work_tiles_than_multiprocessors(options, parts):
   # 9 query tiles x 16 heads x 2 rows = 288 tiles of 128 rows, more than an
   # H100/H200 has SMs: the persistent sm90 forward's CTAs each take several,
   # and with Sq > Sk under a causal mask the first tiles see no key at all.
-  rng = np.random.default_rng(7)
-  q, k, v = _inputs(7, 2, 1100, 700, 16, 4, 128)
-  masks = make_masks(rng, 2, 1100, 700, 16, **parts)
-  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
-                          masks)
+  _check_masked(7, 2, 1100, 700, 16, 4, options, parts)
 
 
 @pytest.mark.parametrize("d,dv", [(64, 64), (40, 40), (128, 64), (96, 128)])
