@@ -8,8 +8,9 @@
 // blockIdx.x and then takes the next unclaimed tile from a counter in
 // global memory (one atomicAdd per tile), so the tiles in flight stay a
 // window of consecutive tiles (the K/V of one or two heads, which stay in
-// L2) and no CTA idles while another holds a long tile. Otherwise (D > 128, where the loop's state would spill) one
-// CTA per tile, leaving both loops after it. Three warpgroups:
+// L2) and no CTA idles while another holds a long tile. Otherwise (D > 128,
+// where the loop's state would spill) one CTA per tile, leaving both loops
+// after it. Three warpgroups:
 //   producer (warpgroup 0): one thread claims the tiles, hands each one to
 //     the consumers with its Q tile (q_full) once they are done with the
 //     previous Q (q_empty), and through two mbarrier pipelines (K and V, two
