@@ -9,8 +9,8 @@
 // global memory (one atomicAdd per tile), so the tiles in flight stay a
 // window of consecutive tiles (the K/V of one or two heads, which stay in
 // L2) and no CTA idles while another holds a long tile. Otherwise (D > 128,
-// where the loop's state would spill) one CTA per tile, leaving both loops
-// after it. Three warpgroups:
+// where the loop's state would spill) one CTA per tile, which claims no
+// other. Three warpgroups:
 //   producer (warpgroup 0): one thread claims the tiles, hands each one to
 //     the consumers with its Q tile (q_full) once they are done with the
 //     previous Q (q_empty), and through two mbarrier pipelines (K and V, two
@@ -206,10 +206,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     auto write = cutlass::make_producer_start_state<Pipeline>();
     int tile = blockIdx.x;
     for (int it = 0;; ++it) {
-      if (!Traits::kPersistent && it > 0) return;  // one tile per CTA
       // Claim the next tile first: the atomic's latency passes under this
       // tile's loads.
-      int next = num_tiles;  // one tile per CTA unless persistent
+      // Without persistence there is no next tile: the CTA ends through
+      // the same kNoTile hand-over as a persistent CTA out of work.
+      int next = num_tiles;
       if constexpr (Traits::kPersistent) {
         if (tile < num_tiles) next = gridDim.x + atomicAdd(p.tile_counter, 1);
       }
@@ -314,7 +315,6 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   typename Pipeline::PipelineState read;
 
   for (int it = 0;; ++it) {
-    if (!Traits::kPersistent && it > 0) break;  // one tile per CTA
     smem.q_full.wait(it & 1);
     const int tile = smem.tile;
     if (tile == kNoTile) break;
