@@ -79,7 +79,8 @@ class MaskArrays(NamedTuple):
       diagonal by q_offset - kv_offset: causal, window and alibi then treat
       the call as that block of the larger problem (see `jax_flash.masking`;
       segment ids, lengths and the dropout hash keep the call's own
-      positions). The CUDA kernels do not take offsets yet.
+      positions). The CUDA kernels take them as one (B,) operand,
+      q_offset - kv_offset (`jax_flash.cuda.lowering.position_offsets`).
   """
 
   alibi_slopes: Optional[jax.Array] = None

@@ -196,6 +196,31 @@ def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
                                   np.asarray(b, np.float32))
 
 
+@pytest.mark.parametrize("arch", ["sm90", "sm80"])
+@pytest.mark.parametrize("offsets,options,parts", [
+    # Diagonal offset 70 - 120 = -50: the first 50 rows see no key.
+    ((0, 120), dict(causal=True), {}),
+    # Keys [i + 64, i + 164] of 200 by global position.
+    ((64, 0), dict(window_left=70, window_right=30), dict(alibi=True)),
+    ((1000, 0), dict(causal=True, softcap=5.0, window_left=900),
+     dict(alibi=True, segments=True)),
+    ((5, 3000), dict(causal=True), dict(lengths=True)),
+])
+def test_position_offsets(monkeypatch, arch, offsets, options, parts):
+  """A call that is one block of a larger problem (a ring step): causal,
+  window and alibi see the global positions q_offset + i and kv_offset + j.
+  The blocks are cut by the diagonal, cut by the window far from position
+  0, or hidden entirely (every row empty); lengths and segment ids keep the
+  call's own positions. Both archs where built (sm80 elsewhere)."""
+  monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)
+  rng = np.random.default_rng(19)
+  q, k, v = _inputs(19, 2, 130, 200, 4, 2, 128)
+  masks = make_masks(rng, 2, 130, 200, 4, **parts)._replace(
+      q_offset=jnp.int32(offsets[0]), kv_offset=jnp.int32(offsets[1]))
+  check_against_reference(cuda.attention, q, k, v, _config(128, **options),
+                          masks)
+
+
 def test_forward_and_backward_entry_points_match_the_vjp():
   q, k, v = _inputs(11, 2, 100, 130, 4, 2, 128)
   config = _config(128, causal=True, deterministic=True)

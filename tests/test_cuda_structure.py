@@ -113,7 +113,7 @@ def test_forward_is_one_custom_call_with_contract_operands():
   # Head dims 40 and 24 run padded to 64; absent masks are (0,) operands.
   assert ("(tensor<2x17x4x64xbf16>, tensor<2x33x2x64xbf16>, "
           "tensor<2x33x2x64xbf16>, tensor<0xf32>, tensor<0xi32>, "
-          "tensor<0xi32>, tensor<0xi32>, tensor<2xi32>)") in call
+          "tensor<0xi32>, tensor<0xi32>, tensor<2xi32>, tensor<0xi32>)") in call
   # Results: out, lse and the forward's scratch bytes.
   assert ("-> (tensor<2x17x4x64xbf16>, tensor<2x4x17xf32>, "
           "tensor<16xui8>)") in call
@@ -175,6 +175,34 @@ def test_alibi_gradient_comes_from_the_backward_call():
 
   calls, _ = _custom_calls(jax.grad(loss_with_lse), slopes)
   assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
+
+
+def test_position_offsets_are_one_operand_per_batch_row():
+  """q_offset - kv_offset reaches both calls as one (B,) int32 operand after
+  kv_lengths, from traced offsets (a ring step's depend on the shard index),
+  and a vmapped call folds it into the batch like every other operand."""
+  q, k, v = _inputs(d=64)
+
+  def loss(q, k, v, q_offset):
+    masks = MaskArrays(q_offset=q_offset, kv_offset=jnp.int32(5))
+    out, lse = cuda.attention(q, k, v, CONFIG, masks)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))
+  calls, text = _custom_calls(grads, q, k, v, jnp.int32(12))
+  assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
+  forward = re.search(r"custom_call @jax_flash_fwd\((.*)", text).group(1)
+  assert forward.split(" -> ")[0].endswith("tensor<0xi32>, tensor<2xi32>)")
+  backward = re.search(r"custom_call @jax_flash_bwd\((.*)", text).group(1)
+  assert backward.split(" -> ")[0].endswith(
+      "tensor<0xi32>, tensor<2xi32>, tensor<2x4x17xf32>)")
+
+  batched = jax.vmap(grads, in_axes=(0, None, None, 0))
+  calls, text = _custom_calls(batched, jnp.stack([q, q, q]), k, v,
+                              jnp.arange(3, dtype=jnp.int32))
+  assert calls == {"jax_flash_fwd": 1, "jax_flash_bwd": 1}
+  forward = re.search(r"custom_call @jax_flash_fwd\((.*)", text).group(1)
+  assert forward.split(" -> ")[0].endswith("tensor<0xi32>, tensor<6xi32>)")
 
 
 def test_vmap_over_several_axes_is_one_call():

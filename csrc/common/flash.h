@@ -67,6 +67,10 @@ struct FwdParams {
   const int32_t* kv_segment_ids = nullptr;  // (B, Sk)
   const int32_t* q_lengths = nullptr;    // (B,)
   const int32_t* kv_lengths = nullptr;   // (B,)
+  // (B,): q_offset - kv_offset, the global positions of the first query and
+  // key of this call in a larger problem (a ring step, say); added to each
+  // row's diagonal offset kv_len - q_len (common/mask.h).
+  const int32_t* position_offsets = nullptr;
 
   bool is_bf16 = true;  // T is bf16 (else fp16)
   int arch = 80;        // compute capability of the device, e.g. 80, 90

@@ -5,7 +5,8 @@
 // variant changes this file alone.
 //
 // Semantics (docs/ffi_contract.md): for batch row b, offset = kv_len - q_len
-// and d = i + offset - j for query i, key j.
+// (+ q_offset - kv_offset, the row's position offset, when given) and
+// d = i + offset - j for query i, key j.
 //   logit = q.k * softmax_scale; softcap > 0: softcap * tanh(logit / softcap);
 //   alibi: logit -= slope[b, h] * |d|.
 //   key j visible iff j < kv_len, i < q_len, (window_left < 0 or d <=
@@ -58,7 +59,7 @@ struct MaskRow {
 struct AttentionMask {
   int q_len;   // queries at or past it see nothing
   int kv_len;  // keys at or past it are invisible
-  int offset;  // kv_len - q_len: aligns the diagonal bottom-right
+  int offset;  // kv_len - q_len (+ position offset): the aligned diagonal
   int window_left;   // -1 = unbounded
   int window_right;  // -1 = unbounded
   const int32_t* q_segment_ids;   // row b of (B, Sq), or nullptr
@@ -72,7 +73,8 @@ struct AttentionMask {
     m.kv_len = p.kv_lengths ? min(p.kv_lengths[b], p.seqlen_k) : p.seqlen_k;
     m.q_len = max(m.q_len, 0);
     m.kv_len = max(m.kv_len, 0);
-    m.offset = m.kv_len - m.q_len;
+    m.offset = m.kv_len - m.q_len +
+               (p.position_offsets ? p.position_offsets[b] : 0);
     m.window_left = p.window_left;
     m.window_right = p.window_right;
     m.q_segment_ids = p.q_segment_ids

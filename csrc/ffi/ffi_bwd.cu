@@ -43,7 +43,8 @@ ffi::Error JaxFlashBwdImpl(
     ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
     ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::S32> q_segment_ids,
     ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Buffer<ffi::S32> q_lengths,
-    ffi::Buffer<ffi::S32> kv_lengths, ffi::Buffer<ffi::F32> dlse,
+    ffi::Buffer<ffi::S32> kv_lengths, ffi::Buffer<ffi::S32> position_offsets,
+    ffi::Buffer<ffi::F32> dlse,
     ffi::Result<ffi::AnyBuffer> dq,
     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
     ffi::Result<ffi::Buffer<ffi::F32>> dalibi,
@@ -124,7 +125,8 @@ ffi::Error JaxFlashBwdImpl(
   p.deterministic = deterministic;
 
   e = read_mask_operands(kTarget, B, H, Sq, Sk, alibi_slopes, q_segment_ids,
-                         kv_segment_ids, q_lengths, kv_lengths, &p);
+                         kv_segment_ids, q_lengths, kv_lengths,
+                         position_offsets, &p);
   const void* data = nullptr;
   if (e.success()) {
     e = optional_operand(kTarget, "dlse", dlse, {B, H, Sq}, &data);
@@ -188,6 +190,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::S32>>()     // kv_segment_ids (B, Sk) or (0,)
         .Arg<ffi::Buffer<ffi::S32>>()     // q_lengths (B,) or (0,)
         .Arg<ffi::Buffer<ffi::S32>>()     // kv_lengths (B,) or (0,)
+        .Arg<ffi::Buffer<ffi::S32>>()     // position_offsets (B,) or (0,)
         .Arg<ffi::Buffer<ffi::F32>>()     // dlse (B, H, Sq) or (0,)
         .Ret<ffi::AnyBuffer>()            // dq, shape and dtype of q
         .Ret<ffi::AnyBuffer>()            // dk, shape and dtype of k

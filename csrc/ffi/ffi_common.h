@@ -59,8 +59,8 @@ ffi::Error optional_operand(const char* target, const char* name,
 }
 
 // Reads the optional mask operands of both handlers into p: alibi slopes
-// (B, H), segment ids (B, Sq) and (B, Sk), which come together, and q/kv
-// lengths (B,); an empty buffer means absent. Errors name `target` and the
+// (B, H), segment ids (B, Sq) and (B, Sk), which come together, q/kv
+// lengths (B,) and position offsets (B,); an empty buffer means absent. Errors name `target` and the
 // operand.
 inline ffi::Error read_mask_operands(
     const char* target, int64_t B, int64_t H, int64_t Sq, int64_t Sk,
@@ -68,8 +68,9 @@ inline ffi::Error read_mask_operands(
     const ffi::Buffer<ffi::S32>& q_segment_ids,
     const ffi::Buffer<ffi::S32>& kv_segment_ids,
     const ffi::Buffer<ffi::S32>& q_lengths,
-    const ffi::Buffer<ffi::S32>& kv_lengths, FwdParams* p) {
-  const void* data[5] = {};
+    const ffi::Buffer<ffi::S32>& kv_lengths,
+    const ffi::Buffer<ffi::S32>& position_offsets, FwdParams* p) {
+  const void* data[6] = {};
   ffi::Error e =
       optional_operand(target, "alibi_slopes", alibi_slopes, {B, H}, &data[0]);
   if (e.success()) {
@@ -86,6 +87,10 @@ inline ffi::Error read_mask_operands(
   if (e.success()) {
     e = optional_operand(target, "kv_lengths", kv_lengths, {B}, &data[4]);
   }
+  if (e.success()) {
+    e = optional_operand(target, "position_offsets", position_offsets, {B},
+                         &data[5]);
+  }
   if (e.failure()) return e;
   if ((data[1] == nullptr) != (data[2] == nullptr)) {
     return ffi::Error::InvalidArgument(
@@ -97,6 +102,7 @@ inline ffi::Error read_mask_operands(
   p->kv_segment_ids = static_cast<const int32_t*>(data[2]);
   p->q_lengths = static_cast<const int32_t*>(data[3]);
   p->kv_lengths = static_cast<const int32_t*>(data[4]);
+  p->position_offsets = static_cast<const int32_t*>(data[5]);
   return ffi::Error::Success();
 }
 

@@ -29,6 +29,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                    ffi::Buffer<ffi::S32> kv_segment_ids,
                    ffi::Buffer<ffi::S32> q_lengths,
                    ffi::Buffer<ffi::S32> kv_lengths,
+                   ffi::Buffer<ffi::S32> position_offsets,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    ffi::Result<ffi::Buffer<ffi::U8>> workspace,
@@ -68,7 +69,8 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   FwdParams p;
   ffi::Error e =
       read_mask_operands(kTarget, B, H, Sq, Sk, alibi_slopes, q_segment_ids,
-                         kv_segment_ids, q_lengths, kv_lengths, &p);
+                         kv_segment_ids, q_lengths, kv_lengths,
+                         position_offsets, &p);
   if (e.failure()) return e;
   if (B == 0 || Sq == 0 || H == 0) return ffi::Error::Success();
 
@@ -155,6 +157,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::S32>>()      // kv_segment_ids (B, Sk) or (0,)
         .Arg<ffi::Buffer<ffi::S32>>()      // q_lengths (B,) or (0,)
         .Arg<ffi::Buffer<ffi::S32>>()      // kv_lengths (B,) or (0,)
+        .Arg<ffi::Buffer<ffi::S32>>()      // position_offsets (B,) or (0,)
         .Ret<ffi::AnyBuffer>()             // out (B, Sq, H, Dv)
         .Ret<ffi::Buffer<ffi::F32>>()      // lse (B, H, Sq), natural log
         .Ret<ffi::Buffer<ffi::U8>>()       // workspace (kFwdWorkspaceBytes,)

@@ -25,10 +25,11 @@ from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library
 from jax_flash.cuda.library import DTYPE_NAMES
 from jax_flash.cuda.ops import (attention, attention_backward,
-                                attention_forward, kernel_head_dim)
+                                attention_forward, attention_gradients,
+                                kernel_head_dim)
 
 __all__ = ["unavailable_reason", "unsupported_reason", "attention",
-           "attention_forward", "attention_backward"]
+           "attention_forward", "attention_backward", "attention_gradients"]
 
 
 @functools.cache
@@ -71,8 +72,6 @@ def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Arguments are the validated, batched ones `flash_attention` passes on.
   """
-  if masks.q_offset is not None or masks.kv_offset is not None:
-    return "query/key position offsets"
   if config.dropout_rate > 0:
     return "dropout_rate > 0"
   dtype = jnp.dtype(q.dtype)

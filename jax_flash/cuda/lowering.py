@@ -27,8 +27,11 @@ MASK_OPERANDS = (("alibi_slopes", jnp.float32),
                  ("q_segment_ids", jnp.int32),
                  ("kv_segment_ids", jnp.int32),
                  ("q_lengths", jnp.int32),
-                 ("kv_lengths", jnp.int32))
-"""The optional mask operands, in contract order, with their dtypes."""
+                 ("kv_lengths", jnp.int32),
+                 ("position_offsets", jnp.int32))
+"""The optional mask operands, in contract order, with their dtypes.
+`position_offsets` (B,) is q_offset - kv_offset of `MaskArrays`, per batch
+row (so that a vmapped axis folds into the batch like every other operand)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +107,29 @@ DECODE = CustomCall(
     vmap_method="sequential")
 
 
-def given_masks(masks: MaskArrays) -> tuple[list[jax.Array], tuple[str, ...]]:
-  """The mask arrays that are present, and their names."""
+def position_offsets(masks: MaskArrays, batch: int) -> Optional[jax.Array]:
+  """(batch,) int32 q_offset - kv_offset, or None when neither is given."""
+  if masks.q_offset is None and masks.kv_offset is None:
+    return None
+  shift = jnp.zeros((), jnp.int32)
+  for position, sign in ((masks.q_offset, 1), (masks.kv_offset, -1)):
+    if position is not None:
+      shift = shift + sign * jnp.asarray(position, jnp.int32)
+  if shift.ndim:
+    raise ValueError("q_offset and kv_offset must be scalars; got shape "
+                     f"{shift.shape}")
+  return jnp.broadcast_to(shift, (batch,))
+
+
+def given_masks(masks: MaskArrays, batch: int
+                ) -> tuple[list[jax.Array], tuple[str, ...]]:
+  """The mask operands that are present (in contract order), and their
+  names, for a call of `batch` rows."""
+  given = {name: getattr(masks, name) for name, _ in MASK_OPERANDS[:-1]}
+  given["position_offsets"] = position_offsets(masks, batch)
   names = tuple(name for name, _ in MASK_OPERANDS
-                if getattr(masks, name) is not None)
-  return [getattr(masks, name) for name in names], names
+                if given[name] is not None)
+  return [given[name] for name in names], names
 
 
 def _attributes(config: AttentionConfig, direction: str,

@@ -57,7 +57,7 @@ def attention_forward(q: jax.Array, k: jax.Array, v: jax.Array,
   _register_handlers()
   value_dim = v.shape[3]
   dim = _padded_dim(q.dtype, max(q.shape[3], value_dim))
-  arrays, names = lowering.given_masks(masks)
+  arrays, names = lowering.given_masks(masks, q.shape[0])
   out, lse = primitives.forward(
       *(layout.pad_axis(x, 3, dim) for x in (q, k, v)), arrays,
       config=config, mask_names=names)
@@ -77,7 +77,7 @@ def _gradients(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
   head_dim, value_dim = q.shape[3], v.shape[3]
   dim = _padded_dim(q.dtype, max(head_dim, value_dim))
   pad = lambda x: layout.pad_axis(x, 3, dim)
-  arrays, names = lowering.given_masks(masks)
+  arrays, names = lowering.given_masks(masks, q.shape[0])
   if dlse is not None:
     arrays.append(dlse.astype(jnp.float32))
     names += ("dlse",)
@@ -98,6 +98,17 @@ def attention_backward(q: jax.Array, k: jax.Array, v: jax.Array,
   dlse (B, H, Sq) of lse (None: zero), given the forward's out and lse."""
   dq, dk, dv, _ = _gradients(q, k, v, out, lse, dout, dlse, config, masks)
   return dq, dk, dv
+
+
+def attention_gradients(q: jax.Array, k: jax.Array, v: jax.Array,
+                        out: jax.Array, lse: jax.Array, dout: jax.Array,
+                        config: AttentionConfig, masks: MaskArrays,
+                        dlse: Optional[jax.Array] = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array,
+                                   Optional[jax.Array]]:
+  """`attention_backward` plus dalibi (B, H) float32 (None without alibi
+  slopes): the gradient of the slopes as given, before any broadcast."""
+  return _gradients(q, k, v, out, lse, dout, dlse, config, masks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

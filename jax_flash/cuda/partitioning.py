@@ -33,6 +33,7 @@ _DIMS = {
     "q": "bshd", "k": "btkd", "v": "btke", "out": "bshe", "dout": "bshe",
     "lse": "bhs", "dlse": "bhs", "alibi_slopes": "bh", "q_segment_ids": "bs",
     "kv_segment_ids": "bt", "q_lengths": "b", "kv_lengths": "b",
+    "position_offsets": "b",
     "dq": "bshd", "dk": "btkd", "dv": "btke", "dalibi": "bh",
     # The decoding call: a paged pool (n blocks of t positions) is shared by
     # every row, so it is sharded over the KV heads alone; m indexes a row's

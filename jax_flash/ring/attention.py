@@ -65,7 +65,8 @@ def ring_attention(
       (and lse) come in the same order (`unload_balance` restores it).
     return_lse: also return lse (B, H, S / n) float32.
     implementation: as in `flash_attention`, chosen for each attention call
-      of a step (calls with position offsets run on the blockwise path).
+      of a step (window and alibi steps pass global position offsets, which
+      the CUDA kernels and the blockwise path both take).
     deterministic: as in `flash_attention`; the ring adds its steps in a
       fixed order.
 

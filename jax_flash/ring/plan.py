@@ -18,8 +18,9 @@ whole block, or with load balancing the two half-blocks (global chunks i and
   key chunk, s > i the last query chunk to all keys: every step does a
   quarter of a block's work, and no call needs a position offset;
 * window or alibi: every pair of pieces with its global position offsets,
-  skipped when the window hides it. Offsets are not served by the CUDA
-  kernels, so these calls run on the blockwise path.
+  skipped when the window hides it. The CUDA kernels take the offsets as an
+  operand (traced: they depend on the shard index), so these calls run on
+  whichever implementation serves the rest of the arguments.
 """
 
 from __future__ import annotations

@@ -66,9 +66,8 @@ def _blockwise_backward(q, k, v, out, lse, dout, dlse, config, masks):
 
 def _cuda_backward(q, k, v, out, lse, dout, dlse, config, masks):
   from jax_flash import cuda  # pylint: disable=import-outside-toplevel
-  # The CUDA path never serves alibi here: alibi needs position offsets.
-  return cuda.attention_backward(q, k, v, out, lse, dout, config, masks,
-                                 dlse) + (None,)
+  return cuda.attention_gradients(q, k, v, out, lse, dout, config, masks,
+                                  dlse)
 
 
 def _reference_backward(q, k, v, out, lse, dout, dlse, config, masks):

@@ -27,7 +27,7 @@ def load(path: pathlib.Path) -> library.Library:
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, config: AttentionConfig,
             masks: MaskArrays) -> tuple[jax.Array, jax.Array]:
   """`jax_flash_fwd`: (out, lse)."""
-  arrays, names = lowering.given_masks(masks)
+  arrays, names = lowering.given_masks(masks, q.shape[0])
   return lowering.forward_call(q, k, v, *arrays, config=config,
                                mask_names=names)
 
@@ -36,7 +36,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array,
              dout: jax.Array, lse: jax.Array, config: AttentionConfig,
              masks: MaskArrays) -> tuple[jax.Array, ...]:
   """`jax_flash_bwd`: (dq, dk, dv), and dalibi with alibi slopes."""
-  arrays, names = lowering.given_masks(masks)
+  arrays, names = lowering.given_masks(masks, q.shape[0])
   return lowering.backward_call(q, k, v, out, dout, lse, *arrays,
                                 config=config, mask_names=names)
 

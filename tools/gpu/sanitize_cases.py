@@ -86,9 +86,14 @@ def main() -> None:
        AttentionConfig(0.0625, causal=True, softcap=5.0), alibi),
       ("alibi+softcap d128 deterministic", 128,
        AttentionConfig(128 ** -0.5, softcap=5.0, deterministic=True), alibi),
+      # One block of a larger problem (a ring step): the window cuts it by
+      # global positions, away from the block's own diagonal.
+      ("window+alibi position offsets d128", 128,
+       AttentionConfig(128 ** -0.5, causal=True, window_left=150),
+       alibi._replace(q_offset=jnp.int32(400), kv_offset=jnp.int32(200))),
   ]
   if args.small:
-    cases = [cases[0], cases[1], cases[4], cases[5]]
+    cases = [cases[0], cases[1], cases[4], cases[5], cases[6]]
   for name, d, config, masks in cases:
     if not _built(d):
       continue
