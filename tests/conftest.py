@@ -45,3 +45,11 @@ def assert_within_rule(name, actual, exact, lowp, atol):
 @pytest.fixture
 def rng():
   return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def float32_matmuls():
+  """float32 products on every backend (a GPU would use TF32 by default),
+  so that float32 tolerances hold wherever the suite runs."""
+  with jax.default_matmul_precision("float32"):
+    yield

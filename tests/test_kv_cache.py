@@ -15,6 +15,9 @@ import jax_flash
 from conftest import assert_within_rule, max_abs_err
 from jax_flash import flash_attention_with_kv_cache
 
+# The reference and every path are compared in float32 at 2e-5.
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
 CAPACITY = 64
 
 
@@ -271,8 +274,15 @@ def test_in_place_append_under_jit_with_donation():
     memory = compiled.memory_analysis()
     assert memory.alias_size_in_bytes >= cache_bytes
     if t is None:
-      # Reading a contiguous cache moves only the key blocks it needs.
-      assert memory.temp_size_in_bytes < cache_bytes / 4, memory
+      # Reading a contiguous cache moves only the key blocks it needs: twice
+      # the capacity adds no temporary memory (a GPU's fixed GEMM workspace
+      # is in both).
+      bigger = random_call(12, 2, 1, 4, 2, 32, capacity=8192)
+      bigger_args = (bigger["key_cache"], bigger["value_cache"]) + args[2:]
+      grown = (jax.jit(step, donate_argnums=(0, 1)).lower(*bigger_args)
+               .compile().memory_analysis().temp_size_in_bytes -
+               memory.temp_size_in_bytes)
+      assert grown < cache_bytes / 4, (grown, memory)
     pointers = [c.unsafe_buffer_pointer() for c in caches]
     copies = [jnp.array(c, copy=True) for c in caches]
     _, new_keys, new_values = compiled(*args)

@@ -12,14 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_flash
 from conftest import random_qkv
 
-
-
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  """float32 products on every backend (a GPU would use TF32 by default),
-  so that the tolerances below hold wherever the suite runs."""
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 attend = functools.partial(jax_flash.flash_attention, causal=True,

@@ -18,7 +18,10 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using Traits = DecodeTraits<T, kHeadDim, kKeyWarps>;
   constexpr int kSmem = Traits::kSmemBytes;
   if (kSmem > p.max_smem_per_block) return kSmem;
-  auto kernel = &flash_decode_kernel<Traits>;
+  // Bulk copies for a paged cache (on sm_90; the same code as cp.async on
+  // sm_80): each key row is its own copy there anyway.
+  auto kernel = p.block_table != nullptr ? &flash_decode_kernel<Traits, true>
+                                         : &flash_decode_kernel<Traits, false>;
   // Above 48 KB of dynamic shared memory a kernel must opt in; the
   // attribute is per device, so it is set at every launch.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -122,6 +122,28 @@ def main() -> None:
     _case(1, 2, q_len, 1500, 2 * group, 2, d, config,
           MaskArrays(kv_lengths=jnp.asarray([1500, 777], jnp.int32)))
     print(f"ran {name}", flush=True)
+  # A paged cache (bulk copies on sm_90): ragged lengths, blocks in a
+  # shuffled order, and one block id out of range (read as an empty block).
+  if _built(128):
+    _paged_case(3)
+    print("ran decode paged block16 d128", flush=True)
+
+
+def _paged_case(seed):
+  import jax_flash  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(seed), 3)
+  pool, block, batch, blocks_per_row = 48, 16, 2, 20
+  q = jax.random.normal(keys[0], (batch, 1, 8, 128), jnp.bfloat16)
+  k = jax.random.normal(keys[1], (pool, block, 2, 128), jnp.bfloat16)
+  v = jax.random.normal(keys[2], (pool, block, 2, 128), jnp.bfloat16)
+  table = np.random.default_rng(seed).permutation(pool)[
+      :batch * blocks_per_row].reshape(batch, blocks_per_row)
+  table[1, 2] = pool + 5
+  out = jax_flash.flash_attention_with_kv_cache(
+      q, k, v, cache_seq_lengths=jnp.asarray([300, 77], jnp.int32),
+      block_table=jnp.asarray(table, jnp.int32), implementation="cuda").out
+  if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
+    raise AssertionError("non-finite decoding output")
 
 
 if __name__ == "__main__":
