@@ -60,8 +60,8 @@ ffi::Error optional_operand(const char* target, const char* name,
 
 // Reads the optional mask operands of both handlers into p: alibi slopes
 // (B, H), segment ids (B, Sq) and (B, Sk), which come together, q/kv
-// lengths (B,) and position offsets (B,); an empty buffer means absent. Errors name `target` and the
-// operand.
+// lengths (B,) and position offsets (B,); an empty buffer means absent.
+// Errors name `target` and the operand.
 inline ffi::Error read_mask_operands(
     const char* target, int64_t B, int64_t H, int64_t Sq, int64_t Sk,
     const ffi::Buffer<ffi::F32>& alibi_slopes,

@@ -274,7 +274,9 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     } else if (is_v) {
       uint4* v_row = reinterpret_cast<uint4*>(dst);
 #pragma unroll
-      for (int c = 0; c < kChunksPerRow; ++c) v_row[c] = make_uint4(0, 0, 0, 0);
+      for (int c = 0; c < kChunksPerRow; ++c) {
+        v_row[c] = make_uint4(0, 0, 0, 0);
+      }
       // Ordered before the bulk copy that next fills this stage.
       fence_shared_for_bulk_copy();
     }
