@@ -43,3 +43,38 @@ def test_kernel_times_summary_rejects_an_unknown_unit(tmp_path):
   log.write_text(_HEADER + _row(0, "main", "cycle", "5"))
   with pytest.raises(ValueError, match="cycle"):
     _load("kernel_times").summarize(log)
+
+
+def _record(impl, kind="decode", kv_len=8192, value=1000.0, status="ok"):
+  key = "gbps" if kind == "decode" else "tflops"
+  return {"case": {"kind": kind, "batch": 4, "q_len": 1, "kv_len": kv_len,
+                   "head_dim": 128, "causal": False, "page_size": 0},
+          "impl": impl, "mode": "fwd", "status": status, key: value}
+
+
+def test_compare_libraries_pairs_problems_and_finds_the_best_other():
+  tool = _load("compare_libraries")
+  ours = "jax_flash_kvcache_cuda"
+  base = [_record(ours, kv_len=8192, value=2000.0),
+          _record(ours, kv_len=32768, value=3000.0)]
+  new = [_record(ours, kv_len=32768, value=3300.0),
+         _record(ours, kv_len=8192, value=2200.0),
+         _record("jax_cudnn", kv_len=8192, value=2500.0),
+         _record("fa3_kvcache", kv_len=8192, value=2400.0),
+         _record("jax_cudnn", kv_len=32768, value=0.0, status="skipped")]
+  rows = tool.compare(base, new, ours)
+  assert [(r["case"]["kv_len"], r["base"], r["new"], r["best_other"])
+          for r in rows] == [(32768, 3000.0, 3300.0, None),
+                             (8192, 2000.0, 2200.0, 2500.0)]
+  table = tool.markdown(rows)
+  assert "| decode B=4 Sq=1 contiguous Sk=8192 | GB/s | 2000 | 2200 | 1.100 " \
+         "| 2500 | 0.880 |" in table
+  assert "| 3000 | 3300 | 1.100 | - | - |" in table
+
+
+def test_compare_libraries_reads_tflops_for_training_cases():
+  tool = _load("compare_libraries")
+  record = _record("jax_flash_cuda", kind="mha", value=650.0)
+  assert tool.metric(record) == ("TFLOP/s", 650.0)
+  assert tool.metric(_record("jax_flash_cuda", status="failed")) == (
+      "GB/s", None)

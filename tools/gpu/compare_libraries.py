@@ -1,0 +1,157 @@
+"""A kernel change against its baseline: the benchmark run with two builds of
+the CUDA library, one after the other on the same GPU, so that both see the
+same clocks, driver and Python (runs on different days move by several
+percent; see docs/performance.md).
+
+Each build runs in its own process (`JAX_FLASH_CUDA_LIBRARY` picks the file)
+through `python -m jax_flash.bench`; the implementations in `--others` run in
+the second process only, so the table also gives the new build's ratio to
+the best of them, measured in the same run:
+
+  PYTHONPATH=. python3 tools/gpu/compare_libraries.py base.so new.so \\
+      --out /tmp/ab --others jax_cudnn -- --kinds decode \\
+      --in-program-calls 20 --rounds 2 --calls 10
+
+Arguments after `--` go to the benchmark as they are (not --impls, --out or
+--no-plots, which this script sets). The table is TFLOP/s, GB/s for
+decoding cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any, Optional
+
+Record = dict[str, Any]
+
+
+def metric(record: Record) -> tuple[str, Optional[float]]:
+  """(unit, value) of a benchmark record: GB/s for decoding, else TFLOP/s;
+  None unless the record ran."""
+  unit, key = (("GB/s", "gbps") if record["case"]["kind"] == "decode"
+               else ("TFLOP/s", "tflops"))
+  value = record.get(key) if record.get("status") == "ok" else None
+  return unit, value
+
+
+def problem(record: Record) -> tuple:
+  """What a record measured, whatever implementation measured it."""
+  return (tuple(sorted(record["case"].items())), record["mode"])
+
+
+def compare(base: list[Record], new: list[Record], impl: str) -> list[dict]:
+  """One row per problem of `impl` in `new`: its value in both runs, and the
+  best value of any other implementation in `new` (None where none ran)."""
+  def best(records, wanted):
+    """The highest value per problem among the wanted implementations'
+    records (None for a problem none of them ran)."""
+    out: dict[tuple, Optional[float]] = {}
+    for r in records:
+      if not wanted(r["impl"]):
+        continue
+      key, v = problem(r), metric(r)[1]
+      if key not in out or (v is not None and
+                            (out[key] is None or v > out[key])):
+        out[key] = v
+    return out
+
+  base_v = best(base, lambda name: name == impl)
+  new_v = best(new, lambda name: name == impl)
+  other_v = best(new, lambda name: name != impl)
+  rows = []
+  for r in new:
+    if r["impl"] != impl:
+      continue
+    key = problem(r)
+    rows.append(dict(case=r["case"], mode=r["mode"], unit=metric(r)[0],
+                     base=base_v.get(key), new=new_v.get(key),
+                     best_other=other_v.get(key)))
+  return rows
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+  return f"{a / b:.3f}" if a is not None and b else "-"
+
+
+def _value(v: Optional[float]) -> str:
+  return "-" if v is None else f"{v:.0f}"
+
+
+def _label(case: dict, mode: str) -> str:
+  if case["kind"] == "decode":
+    cache = (f"paged {case['page_size']}" if case.get("page_size")
+             else "contiguous")
+    return (f"decode B={case['batch']} Sq={case['q_len']} {cache} "
+            f"Sk={case['kv_len']}")
+  mask = "causal" if case.get("causal") else "full"
+  return (f"{case['kind']} D={case['head_dim']} {mask} S={case['q_len']} "
+          f"{mode}")
+
+
+def markdown(rows: list[dict]) -> str:
+  """The comparison as a Markdown table."""
+  lines = ["| problem | unit | base | new | new / base | best other | "
+           "new / best other |", "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(
+        f"| {_label(row['case'], row['mode'])} | {row['unit']} | "
+        f"{_value(row['base'])} | {_value(row['new'])} | "
+        f"{_ratio(row['new'], row['base'])} | {_value(row['best_other'])} | "
+        f"{_ratio(row['new'], row['best_other'])} |")
+  return "\n".join(lines)
+
+
+def _run(library: pathlib.Path, impls: list[str], out: pathlib.Path,
+         bench_args: list[str]) -> list[Record]:
+  env = dict(os.environ, JAX_FLASH_CUDA_LIBRARY=str(library.resolve()))
+  command = [sys.executable, "-m", "jax_flash.bench", *bench_args, "--impls",
+             ",".join(impls), "--out", str(out), "--no-plots"]
+  print("+ JAX_FLASH_CUDA_LIBRARY=%s %s" % (library, " ".join(command)),
+        flush=True)
+  subprocess.run(command, env=env, check=True)
+  return json.loads((out / "results.json").read_text())["records"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  bench_args: list[str] = []
+  if "--" in argv:
+    at = argv.index("--")
+    argv, bench_args = argv[:at], argv[at + 1:]
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("base", type=pathlib.Path, help="baseline library")
+  parser.add_argument("new", type=pathlib.Path, help="library under test")
+  parser.add_argument("--out", type=pathlib.Path, required=True)
+  parser.add_argument("--impl", default=None,
+                      help="jax_flash's implementation to compare (default: "
+                      "jax_flash_kvcache_cuda with --kinds decode, else "
+                      "jax_flash_cuda)")
+  parser.add_argument("--others", default="",
+                      help="comma-separated implementations run beside the "
+                      "new build, e.g. jax_cudnn,fa3_jax")
+  args = parser.parse_args(argv)
+  for name in ("--impls", "--out", "--no-plots"):
+    if name in bench_args:
+      parser.error(f"{name} is set by this script, not after --")
+  for library in (args.base, args.new):
+    if not library.is_file():
+      parser.error(f"no library at {library}")
+  impl = args.impl or ("jax_flash_kvcache_cuda"
+                       if "decode" in " ".join(bench_args)
+                       else "jax_flash_cuda")
+  others = [name for name in args.others.split(",") if name]
+  base = _run(args.base, [impl], args.out / "base", bench_args)
+  new = _run(args.new, [impl] + others, args.out / "new", bench_args)
+  table = markdown(compare(base, new, impl))
+  (args.out / "comparison.md").write_text(table + "\n")
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
