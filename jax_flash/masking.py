@@ -31,16 +31,23 @@ def lengths_or_full(lengths: Optional[jax.Array], batch: int,
   return jnp.clip(lengths.astype(jnp.int32), 0, full)
 
 
+def position_shift(masks: MaskArrays) -> Optional[jax.Array]:
+  """() int32 q_offset - kv_offset (an absent one counts 0), or None when
+  neither is given."""
+  if masks.q_offset is None and masks.kv_offset is None:
+    return None
+  position = lambda x: jnp.asarray(0 if x is None else x, jnp.int32)
+  return position(masks.q_offset) - position(masks.kv_offset)
+
+
 def diagonal_offset(masks: MaskArrays, batch: int, sq: int,
                     sk: int) -> jax.Array:
   """(B,) int32 offset kv_len - q_len + q_offset - kv_offset: query i sits
   on the diagonal at key i + offset (bottom-right aligned)."""
   offset = (lengths_or_full(masks.kv_lengths, batch, sk) -
             lengths_or_full(masks.q_lengths, batch, sq))
-  for position, sign in ((masks.q_offset, 1), (masks.kv_offset, -1)):
-    if position is not None:
-      offset = offset + sign * jnp.asarray(position, jnp.int32)
-  return offset
+  shift = position_shift(masks)
+  return offset if shift is None else offset + shift
 
 
 def window_sees(config: AttentionConfig, min_distance: jax.Array,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flash import masking
 from jax_flash.config import AttentionConfig, MaskArrays
 from jax_flash.cuda import library
 
@@ -108,13 +109,11 @@ DECODE = CustomCall(
 
 
 def position_offsets(masks: MaskArrays, batch: int) -> Optional[jax.Array]:
-  """(batch,) int32 q_offset - kv_offset, or None when neither is given."""
-  if masks.q_offset is None and masks.kv_offset is None:
+  """(batch,) int32 q_offset - kv_offset (`masking.position_shift` for
+  every row), or None when neither is given."""
+  shift = masking.position_shift(masks)
+  if shift is None:
     return None
-  shift = jnp.zeros((), jnp.int32)
-  for position, sign in ((masks.q_offset, 1), (masks.kv_offset, -1)):
-    if position is not None:
-      shift = shift + sign * jnp.asarray(position, jnp.int32)
   if shift.ndim:
     raise ValueError("q_offset and kv_offset must be scalars; got shape "
                      f"{shift.shape}")
@@ -125,10 +124,11 @@ def given_masks(masks: MaskArrays, batch: int
                 ) -> tuple[list[jax.Array], tuple[str, ...]]:
   """The mask operands that are present (in contract order), and their
   names, for a call of `batch` rows."""
-  given = {name: getattr(masks, name) for name, _ in MASK_OPERANDS[:-1]}
-  given["position_offsets"] = position_offsets(masks, batch)
-  names = tuple(name for name, _ in MASK_OPERANDS
-                if given[name] is not None)
+  operand = lambda name: (position_offsets(masks, batch)
+                          if name == "position_offsets"
+                          else getattr(masks, name))
+  given = {name: operand(name) for name, _ in MASK_OPERANDS}
+  names = tuple(name for name in given if given[name] is not None)
   return [given[name] for name in names], names
 
 
