@@ -197,6 +197,34 @@ def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])
+@pytest.mark.parametrize("options,parts", [
+    (dict(causal=True), {}),
+    (dict(window_left=100, window_right=20), dict(segments=True,
+                                                  lengths=True)),
+    (dict(softcap=5.0, causal=True), dict(alibi=True)),
+    (dict(causal=True, deterministic=True), dict(alibi=True, lengths=True)),
+])
+def test_head_dim_256(monkeypatch, arch, options, parts):
+  """D = 256, which the sm90 backward runs split-D (64 keys a CTA, each
+  consumer warpgroup half of the queries of S^T and dP^T and half of D of
+  dV, dK and dQ; P^T and dS^T through shared memory): masks, score
+  modifiers, GQA 4:1, lengths that end inside a tile, deterministic dalibi
+  (bitwise repeated). Both archs where built (sm80 elsewhere)."""
+  monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)
+  rng = np.random.default_rng(23)
+  q, k, v = _inputs(23, 2, 200, 333, 8, 2, 256)
+  masks = make_masks(rng, 2, 200, 333, 8, **parts)
+  config = _config(256, **options)
+  check_against_reference(cuda.attention, q, k, v, config, masks)
+  if config.deterministic:
+    grads = _grads(config, masks)
+    first, second = grads(q, k, v), grads(q, k, v)
+    for a, b in zip(first, second):
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("arch", ["sm90", "sm80"])
 @pytest.mark.parametrize("offsets,options,parts", [
     # Diagonal offset 70 - 120 = -50: the first 50 rows see no key.
     ((0, 120), dict(causal=True), {}),

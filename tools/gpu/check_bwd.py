@@ -191,6 +191,15 @@ def problems() -> list[Problem]:
       Problem(2, 600, 700, 8, 1, 128, alibi=True, lengths=True,
               deterministic=True),
       Problem(1, 1000, 1000, 4, 4, 64, deterministic=True),
+      # D = 256: the split-D schedule of the sm90 backward.
+      Problem(2, 113, 257, 4, 4, 256),
+      Problem(2, 257, 113, 4, 2, 256, dtype=jnp.float16, causal=True),
+      Problem(2, 300, 300, 4, 2, 256, alibi=True, softcap=5.0, causal=True),
+      Problem(3, 300, 260, 4, 2, 256, lengths=True, segments=True,
+              alibi=True, window=(64, 8)),
+      Problem(2, 600, 700, 8, 2, 256, causal=True, deterministic=True),
+      Problem(2, 600, 700, 8, 1, 256, alibi=True, lengths=True,
+              deterministic=True),
   ]
   return out
 

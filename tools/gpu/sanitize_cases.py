@@ -91,9 +91,13 @@ def main() -> None:
       ("window+alibi position offsets d128", 128,
        AttentionConfig(128 ** -0.5, causal=True, window_left=150),
        alibi._replace(q_offset=jnp.int32(400), kv_offset=jnp.int32(200))),
+      # The sm90 backward's split-D schedule with its deterministic dalibi.
+      ("alibi+segments d256 deterministic", 256,
+       AttentionConfig(0.0625, deterministic=True),
+       segments._replace(alibi_slopes=alibi.alibi_slopes)),
   ]
   if args.small:
-    cases = [cases[0], cases[1], cases[4], cases[5], cases[6]]
+    cases = [cases[0], cases[1], cases[4], cases[5], cases[6], cases[7]]
   for name, d, config, masks in cases:
     if not _built(d):
       continue
