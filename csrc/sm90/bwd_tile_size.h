@@ -5,24 +5,40 @@
 namespace jax_flash {
 namespace sm90 {
 
+// Above D = 128 the kernel runs split-D (FlashAttention-3's D = 256 plan):
+// dK and dV of 128 keys x D would take 2 * 64 * D / 128 = 256 registers a
+// consumer thread at D = 256, so a CTA takes 64 keys and the two consumer
+// warpgroups split every product differently:
+//   S^T, dP^T       64 keys x 32 queries each (the two query halves);
+//   dV, dK, dQ      D / 2 columns each (dK + dV: 128 registers at D = 256).
+// P^T and dS^T go through shared memory (each warpgroup's dV and dK need
+// the other's queries), and the three key-side products read both from
+// there.
+constexpr bool bwd_split_head_dim(int head_dim) { return head_dim > 128; }
+
 // Keys per CTA: two consumer warpgroups of 64 keys each (wgmma's M is 64 per
 // warpgroup, and the keys are the M of S^T, dP^T, dV and dK). Each consumer
 // thread keeps dK and dV of its 64 keys in registers: 2 * 64 * D / 128
-// floats, 128 registers at D = 128.
-constexpr int kBwdBlockN = 128;
+// floats, 128 registers at D = 128. Split-D: 64 keys shared by both.
+constexpr int bwd_block_n(int head_dim) {
+  return bwd_split_head_dim(head_dim) ? 64 : 128;
+}
 
 // Query rows per step: 64, so that S^T and dP^T (64 keys x 64 queries per
 // warpgroup) take 32 registers each beside dK and dV.
 constexpr int kBwdBlockM = 64;
 
 // Q/dO buffers: two, so that the TMA loads of step t + 1 run under the
-// GEMMs of step t.
-constexpr int kBwdStages = 2;
+// GEMMs of step t. Split-D at D = 256 has room for one: K, V, Q, dO (32 KB
+// each), P^T and dS^T (8 KB each) and the float32 dQ tile (64 KB) leave
+// less than the 64 KB a second Q/dO stage needs within 227 KB.
+constexpr int bwd_stages(int head_dim) {
+  return bwd_split_head_dim(head_dim) ? 1 : 2;
+}
 
-// Head dims the kernel is written for; the others keep the sm80 backward
-// (at D = 256, dK and dV alone would take 256 registers a thread).
+// Head dims the kernel is written for; the others keep the sm80 backward.
 constexpr bool bwd_supports_head_dim(int head_dim) {
-  return head_dim == 64 || head_dim == 128;
+  return head_dim == 64 || head_dim == 128 || head_dim == 256;
 }
 
 // One producer warpgroup (one thread issues every TMA) and two consumers.

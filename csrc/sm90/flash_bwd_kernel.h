@@ -24,6 +24,12 @@
 //     next step. In deterministic mode the writer first waits for the query
 //     tile's semaphore (common/dq_order.h), so the consumers never wait for
 //     other CTAs unless the writer falls a whole step behind.
+// Split-D (D > 128, bwd_tile_size.h): 64 keys per CTA, one Q/dO stage.
+// Each consumer warpgroup computes S^T and dP^T for 32 of the step's 64
+// queries, writes P^T and dS^T to shared memory, and after a barrier runs
+// dV += P^T dO, dK += dS^T Q and dQ = dS K for its half of D, all three
+// reading P^T and dS^T from shared memory; the step's GEMMs complete before
+// the next step's P^T and dS^T overwrite them.
 // The epilogue stages dK (times the softmax scale) and dV in shared memory
 // and writes them as whole rows.
 #pragma once
@@ -273,6 +279,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                            typename Traits::SmemLayoutKt{});
   Tensor sDs = make_tensor(make_smem_ptr(smem.ds.data()),
                            typename Traits::SmemLayoutDs{});
+  Tensor sDsT = make_tensor(make_smem_ptr(smem.ds.data()),
+                            typename Traits::SmemLayoutDsT{});
 
   const int m0_first = m_begin * kBlockM, m0_end = m_end * kBlockM;
   // Steps walk the group's query heads in turn, each over query tiles
@@ -381,7 +389,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   constexpr int kRows = decltype(size<0>(coords_rc))::value;  // keys
   constexpr int kCols = decltype(size<1>(coords_rc))::value;  // queries
   static_assert(kBlockM == 64 && sizeof(Element) == 2 && kRows == 2 &&
-                    kCols == 16,
+                    kCols == (Traits::kSplitD ? 8 : 16),
                 "dS^T stores assume one 128-byte swizzle row per key");
   // dS^T store addresses: one base per thread (Traits::ds_store_base).
   const uint32_t ds_store_base =
@@ -399,8 +407,15 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   Tensor rdS = make_tensor<Element>(
       partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{})
           .layout());
-  Tensor tKVrdS =
-      make_tensor(rdS.data(), accumulator_as_operand_a(rdS.layout()));
+  // dS^T as dK's A operand: registers, or split-D shared memory (buffer 1;
+  // P^T, dV's A operand, in buffer 0).
+  auto tKVrdS = [&]() {
+    if constexpr (Traits::kSplitD) {
+      return thr_kv.partition_fragment_A(sDsT);  // (MMA, M, K, buffer)
+    } else {
+      return make_tensor(rdS.data(), accumulator_as_operand_a(rdS.layout()));
+    }
+  }();
   // The previous step's stage, released once its dK product is in.
   typename Pipeline::PipelineState release;
   bool release_pending = false;
@@ -533,8 +548,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       }
     };
     Tensor rP = make_tensor_like<Element>(acc_s);
-    Tensor tKVrP =
-        make_tensor(rP.data(), accumulator_as_operand_a(rP.layout()));
+    // A register tensor of the C layout as a wgmma A operand.
+    auto as_operand_a = [](auto& t) __attribute__((always_inline)) {
+      return make_tensor(t.data(), accumulator_as_operand_a(t.layout()));
+    };
     auto convert = [](auto const& from, auto& to)
         __attribute__((always_inline)) {
 #pragma unroll
@@ -542,75 +559,106 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
         to(e) = static_cast<Element>(from(e));
       }
     };
-    if constexpr (kScoreMod) {
-      // Softcap's derivative needs each capped logit and dalibi P and dP
-      // side by side: both products first, then one pass.
+    Tensor acc_dq = partition_fragment_C(mma_dq, TileDq{});
+    if constexpr (Traits::kSplitD) {
+      // P^T and dS^T of this warpgroup's queries in one pass.
       warpgroup_wait<0>();
-      release_previous();
       warpgroup_fence_operand(acc_s);
       warpgroup_fence_operand(acc_dp);
       with_mask([&](auto masked, auto segments) {
         probs(masked, segments, cute::true_type{});
       });
       convert(acc_s, rP);
-      warpgroup_gemm_issue<false, true>(mma_kv, tKVrP,
-                                        tKVrdOt(_, _, _, stage), acc_dv);
+      convert(acc_dp, rdS);
+      // Both warpgroups' GEMMs of the previous step, which read P^T and
+      // dS^T, are complete (each waited for its own before staging dQ).
+      if (step > 0) cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
+      copy(rP, thr_sdp.partition_C(sDsT(_, _, 0)));
+      copy(rdS, thr_sdp.partition_C(sDsT(_, _, 1)));
+      cutlass::arch::fence_view_async_shared();  // for wgmma's reads
+      cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
+      warpgroup_gemm_issue<false, false>(mma_kv, tKVrdS(_, _, _, 0),
+                                         tKVrdOt(_, _, _, stage), acc_dv);
+      warpgroup_gemm_issue<false, false>(mma_kv, tKVrdS(_, _, _, 1),
+                                         tKVrQt(_, _, _, stage), acc_dk);
+      warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, 1), tDqrKt,
+                                        acc_dq);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dq);
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_fence_operand(acc_dv);
+      pipeline_q.consumer_release(read);
     } else {
-      // P^T while dP^T is computed; dV += P^T dO while dS^T is.
-      warpgroup_wait<1>();  // S^T (and the previous dK) is in
-      release_previous();
-      warpgroup_fence_operand(acc_s);
-      with_mask([&](auto masked, auto segments) {
-        probs(masked, segments, cute::false_type{});
-      });
-      convert(acc_s, rP);
-      warpgroup_gemm_issue<false, true>(mma_kv, tKVrP,
-                                        tKVrdOt(_, _, _, stage), acc_dv);
-      warpgroup_wait<1>();  // dP^T is in (dV may still run)
-      warpgroup_fence_operand(acc_dp);
-#pragma unroll
-      for (int c = 0; c < kCols; ++c) {
-        const float delta = stats[get<1>(coords_rc(0, c))].y;
-#pragma unroll
+      if constexpr (kScoreMod) {
+        // Softcap's derivative needs each capped logit and dalibi P and dP
+        // side by side: both products first, then one pass.
+        warpgroup_wait<0>();
+        release_previous();
+        warpgroup_fence_operand(acc_s);
+        warpgroup_fence_operand(acc_dp);
+        with_mask([&](auto masked, auto segments) {
+          probs(masked, segments, cute::true_type{});
+        });
+        convert(acc_s, rP);
+        warpgroup_gemm_issue<false, true>(mma_kv, as_operand_a(rP),
+                                          tKVrdOt(_, _, _, stage), acc_dv);
+      } else {
+        // P^T while dP^T is computed; dV += P^T dO while dS^T is.
+        warpgroup_wait<1>();  // S^T (and the previous dK) is in
+        release_previous();
+        warpgroup_fence_operand(acc_s);
+        with_mask([&](auto masked, auto segments) {
+          probs(masked, segments, cute::false_type{});
+        });
+        convert(acc_s, rP);
+        warpgroup_gemm_issue<false, true>(mma_kv, as_operand_a(rP),
+                                          tKVrdOt(_, _, _, stage), acc_dv);
+        warpgroup_wait<1>();  // dP^T is in (dV may still run)
+        warpgroup_fence_operand(acc_dp);
+  #pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float delta = stats[get<1>(coords_rc(0, c))].y;
+  #pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - delta);
+          }
+        }
+      }
+      convert(acc_dp, rdS);
+      // dS^T to shared memory, two adjacent queries per 32-bit store, at
+      // addresses derived from one per thread (see ds_store_base).
+      {
+        Tensor rdS_rc =
+            make_tensor(rdS.data(), accumulator_rows_cols(rdS.layout()));
+        const uint32_t base = ds_store_base + ds_buffer * Traits::kDsBufferBytes;
+  #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          dp_rc(r, c) = s_rc(r, c) * (dp_rc(r, c) - delta);
+  #pragma unroll
+          for (int c = 0; c < kCols; c += 2) {
+            Element pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
+            asm volatile("st.shared.b32 [%0], %1;\n"
+                         :: "r"(Traits::ds_store_offset(base, r, c / 2)),
+                            "r"(*reinterpret_cast<const uint32_t*>(pair))
+                         : "memory");
+          }
         }
       }
-    }
-    convert(acc_dp, rdS);
-    // dS^T to shared memory, two adjacent queries per 32-bit store, at
-    // addresses derived from one per thread (see ds_store_base).
-    {
-      Tensor rdS_rc =
-          make_tensor(rdS.data(), accumulator_rows_cols(rdS.layout()));
-      const uint32_t base = ds_store_base + ds_buffer * Traits::kDsBufferBytes;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-        for (int c = 0; c < kCols; c += 2) {
-          Element pair[2] = {rdS_rc(r, c), rdS_rc(r, c + 1)};
-          asm volatile("st.shared.b32 [%0], %1;\n"
-                       :: "r"(Traits::ds_store_offset(base, r, c / 2)),
-                          "r"(*reinterpret_cast<const uint32_t*>(pair))
-                       : "memory");
-        }
-      }
-    }
-    cutlass::arch::fence_view_async_shared();  // dS^T for wgmma's reads
-    cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
+      cutlass::arch::fence_view_async_shared();  // dS^T for wgmma's reads
+      cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
 
-    // dQ = dS K (this warpgroup's half of D), then dK += dS^T Q, which runs
-    // on while dQ is staged and the next step's S^T and dP^T are issued:
-    // its Q stage is released once the next step's first wait has seen it
-    // complete.
-    Tensor acc_dq = partition_fragment_C(mma_dq, TileDq{});
-    warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, ds_buffer),
-                                      tDqrKt, acc_dq);
-    warpgroup_gemm_issue<false, true>(mma_kv, tKVrdS, tKVrQt(_, _, _, stage),
-                                      acc_dk);
-    warpgroup_wait<1>();
-    warpgroup_fence_operand(acc_dq);
-    warpgroup_fence_operand(acc_dv);
+      // dQ = dS K (this warpgroup's half of D), then dK += dS^T Q, which runs
+      // on while dQ is staged and the next step's S^T and dP^T are issued:
+      // its Q stage is released once the next step's first wait has seen it
+      // complete.
+      warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, ds_buffer),
+                                        tDqrKt, acc_dq);
+      warpgroup_gemm_issue<false, true>(mma_kv, tKVrdS, tKVrQt(_, _, _, stage),
+                                        acc_dk);
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(acc_dq);
+      warpgroup_fence_operand(acc_dv);
+
+    }
 
     // dQ to this warpgroup's half of the staging tile, float4 j of the
     // accumulator at dq_tile_index (bwd_dq_tile.h), once the writer has
@@ -628,9 +676,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     if (dalibi_in_order && wg == 0 && wg_tid < kBlockM) {
       // Every warp's sums of this step are in (kBarrierDsWritten); the
       // other buffer of smem.alibi takes the next step's meanwhile.
-      float4 sum = smem.alibi[step % 2][0][wg_tid];
+      // Split-D: the column's 4 warps are those of its query half.
+      constexpr int kWarps = Traits::kSplitD ? 4 : 8;
+      const int w0 = Traits::kSplitD ? 4 * (wg_tid / 32) : 0;
+      float4 sum = smem.alibi[step % 2][w0][wg_tid];
 #pragma unroll
-      for (int w = 1; w < 8; ++w) {
+      for (int w = w0 + 1; w < w0 + kWarps; ++w) {
         const float4 part = smem.alibi[step % 2][w][wg_tid];
         sum.x += part.x;
         sum.y += part.y;
@@ -641,7 +692,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     fence_shared_for_bulk_copy();
     dq_handoff_arrive(wg, kBarrierDqFull);
     release = read;
-    release_pending = true;
+    release_pending = !Traits::kSplitD;  // split-D released it already
     ++read;
     advance(h, m0);
   }

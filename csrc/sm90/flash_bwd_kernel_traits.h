@@ -9,6 +9,9 @@
 //   dV  += P^T dO, dK  += dS^T Q      (MmaKV: 128 keys x D, A in registers)
 //   dQ   = dS K                       (MmaDq: 64 queries x D, ss; the two
 //                                      warpgroups split D)
+// Split-D (D > 128, bwd_tile_size.h): 64 keys; MmaSdP gives each warpgroup
+// 32 of the 64 queries, and MmaKV, now ss with P^T and dS^T read from
+// shared memory, gives each D / 2 columns.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +25,7 @@
 #include <cutlass/gemm/collective/builders/sm90_common.inl>
 #include <cutlass/pipeline/pipeline.hpp>
 
+#include "common/flash.h"
 #include "sm90/bwd_dq_tile.h"
 #include "sm90/bwd_tile_size.h"
 
@@ -36,13 +40,16 @@ struct BwdKernelTraits {
   static_assert(sizeof(Element) == sizeof(T), "same 16-bit storage");
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(bwd_supports_head_dim(kHeadDim), "see bwd_tile_size.h");
+  static constexpr bool kSplitD = bwd_split_head_dim(kHeadDim);
   static constexpr int kBlockM = kBwdBlockM;
-  static constexpr int kBlockN = kBwdBlockN;
-  static constexpr int kStages = kBwdStages;
+  static constexpr int kBlockN = bwd_block_n(kHeadDim);
+  static constexpr int kStages = bwd_stages(kHeadDim);
   static constexpr int kConsumerThreads = kBwdConsumerWarpgroups * 128;
   static constexpr int kThreads = kBwdThreads;
-  static_assert(kBlockN == 64 * kBwdConsumerWarpgroups,
-                "one 64-key wgmma slab per consumer warpgroup");
+  static_assert(kBwdConsumerWarpgroups == 2, "two consumer warpgroups");
+  static_assert(kSplitD ? kBlockN == 64 : kBlockN == 64 * 2,
+                "split-D: one 64-key slab shared by both warpgroups; else "
+                "one each");
 
   using BlockM = cute::Int<kBlockM>;
   using BlockN = cute::Int<kBlockN>;
@@ -50,19 +57,34 @@ struct BwdKernelTraits {
   using HalfHeadDim = cute::Int<kHeadDim / 2>;
 
   // S^T and dP^T: both operands from shared memory, K-major (D contiguous);
-  // the consumer warpgroups stack along M (keys).
-  using MmaSdP = decltype(cute::make_tiled_mma(
+  // the consumer warpgroups stack along M (keys), or split-D along N
+  // (queries).
+  using MmaSdPSlabs = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<BlockN, BlockM, HeadDim>>(),
+                                 cute::Shape<cute::_64, BlockM, HeadDim>>(),
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  using MmaSdPSplit = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<BlockN, cute::Int<kBlockM / 2>,
+                                             HeadDim>>(),
+      cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
+  using MmaSdP = std::conditional_t<kSplitD, MmaSdPSplit, MmaSdPSlabs>;
   // dV and dK: A = P^T or dS^T from registers, B = dO or Q read MN-major
-  // (their D is contiguous, and D is the N here).
-  using MmaKV = decltype(cute::make_tiled_mma(
+  // (their D is contiguous, and D is the N here). Split-D: A from shared
+  // memory (P^T in dS buffer 0, dS^T in buffer 1), each warpgroup D / 2.
+  using MmaKVSlabs = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float,
-                                 cute::Shape<BlockN, HeadDim, BlockM>,
+                                 cute::Shape<cute::_64, HeadDim, BlockM>,
                                  cute::GMMA::Major::K,
                                  cute::GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  using MmaKVSplit = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<BlockN, HalfHeadDim, BlockM>,
+                                 cute::GMMA::Major::K,
+                                 cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
+  using MmaKV = std::conditional_t<kSplitD, MmaKVSplit, MmaKVSlabs>;
   // dQ: A = dS from shared memory, queries contiguous (MN-major), B = K read
   // MN-major; warpgroup w computes columns [w D / 2, (w + 1) D / 2).
   using MmaDq = decltype(cute::make_tiled_mma(
@@ -97,7 +119,8 @@ struct BwdKernelTraits {
                                 cute::Step<cute::_2, cute::_1>{})));
   // dS: (kBlockM queries, kBlockN keys, buffer), queries contiguous: the A
   // operand of dQ. Two buffers: one warpgroup may write step t + 1's while
-  // the other still multiplies step t's.
+  // the other still multiplies step t's. Split-D: buffer 0 holds P^T and
+  // buffer 1 dS^T of the step, both whole (the warpgroups' query halves).
   using SmemAtomDs = decltype(
       cutlass::gemm::collective::detail::ss_smem_selector<
           cute::GMMA::Major::MN, Element, BlockM, BlockN>());
@@ -186,6 +209,7 @@ struct BwdKernelTraits {
     cutlass::arch::ClusterTransactionBarrier kv_full;
   };
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= kSm90SmemPerBlock, "fits an sm90 SM");
 };
 
 }  // namespace sm90

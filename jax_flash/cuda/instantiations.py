@@ -16,7 +16,7 @@ DIRECTION_HEAD_DIMS = {"decode": (64, 128, 256)}
 reads K/V caches in place, so a head dim it lacks is not padded (that would
 copy the cache) but served by the forward kernel instead."""
 
-ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (64, 128)}
+ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (64, 128, 256)}
 """(arch, direction) pairs built for fewer head dims than their direction.
 The sm90 backward is built at D = 64 and 128 (csrc/sm90/bwd_tile_size.h),
 where it runs 1.4-1.5x and 1.7-1.9x the sm80 one on an H200
