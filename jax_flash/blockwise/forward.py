@@ -19,6 +19,11 @@ from jax_flash.blockwise.tiling import (Tiling, block_positions,
 from jax_flash.config import AttentionConfig, MaskArrays
 
 
+def _rows(x: jax.Array) -> jax.Array:
+  """(B, S, Hkv, D) -> (B, S, Hkv * D)."""
+  return x.reshape(x.shape[:2] + (-1,))
+
+
 def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
                       config: AttentionConfig, masks: MaskArrays,
                       tiling: Tiling) -> tuple[jax.Array, jax.Array]:
@@ -31,8 +36,14 @@ def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
   # K/V stay sequence-major: each key block is sliced first and made
   # head-major after, so only the blocks the masks leave visible are moved
   # (a short query against a long cache never copies the whole cache).
-  kp = layout.pad_axis(k, 1, tiling.padded_sk)
-  vp = layout.pad_axis(v, 1, tiling.padded_sk)
+  # Heads and features are merged into one axis around the loop: a GPU
+  # compiler otherwise gives the whole array the head-major layout the
+  # block's product wants, one transposed copy of a K/V cache per call.
+  kp = _rows(layout.pad_axis(k, 1, tiling.padded_sk))
+  vp = _rows(layout.pad_axis(v, 1, tiling.padded_sk))
+  key_block = lambda x, j: layout.heads_major(
+      jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1).reshape(
+          (batch, bk, kv_heads, -1)))
   score_shape = (batch, kv_heads, groups)
 
   def one_query_block(i):
@@ -41,10 +52,7 @@ def blockwise_forward(q: jax.Array, k: jax.Array, v: jax.Array,
 
     def visit_key_block(j, carry):
       m, l, acc = carry
-      k_blk = layout.heads_major(
-          jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1))
-      v_blk = layout.heads_major(
-          jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1))
+      k_blk, v_blk = key_block(kp, j), key_block(vp, j)
       k_pos = block_positions(j, bk)
       # S = Q K^T, then the masks and score modifiers
       _, logits, visible = tile_logits(q_blk, k_blk, config, masks, q_pos,
