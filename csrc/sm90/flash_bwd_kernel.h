@@ -583,11 +583,14 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                                          tKVrQt(_, _, _, stage), acc_dk);
       warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, 1), tDqrKt,
                                         acc_dq);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc_dq);
+      // dV and dK are in: the Q/dO stage goes back to the producer while
+      // dQ runs (one stage: the next step's load waits for this).
+      warpgroup_wait<1>();
       warpgroup_fence_operand(acc_dk);
       warpgroup_fence_operand(acc_dv);
       pipeline_q.consumer_release(read);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dq);
     } else {
       if constexpr (kScoreMod) {
         // Softcap's derivative needs each capped logit and dalibi P and dP
