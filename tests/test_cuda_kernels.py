@@ -159,13 +159,19 @@ def _grads(config, masks=MaskArrays()):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def test_deterministic_gradients_are_bitwise_equal():
-  q, k, v = _inputs(5, 2, 1000, 1000, 8, 2, 128)
-  grads = _grads(_config(128, causal=True, deterministic=True))
+def _assert_gradients_repeat_bitwise(q, k, v, config, masks=MaskArrays()):
+  """Two runs of the gradients of (q, k, v) are bitwise equal."""
+  grads = _grads(config, masks)
   first, second = grads(q, k, v), grads(q, k, v)
   for a, b in zip(first, second):
     np.testing.assert_array_equal(np.asarray(a, np.float32),
                                   np.asarray(b, np.float32))
+
+
+def test_deterministic_gradients_are_bitwise_equal():
+  q, k, v = _inputs(5, 2, 1000, 1000, 8, 2, 128)
+  _assert_gradients_repeat_bitwise(
+      q, k, v, _config(128, causal=True, deterministic=True))
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])
@@ -189,11 +195,7 @@ def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
   masks = make_masks(rng, 2, 300, 700, 8, **parts)
   config = _config(128, deterministic=True, **options)
   check_against_reference(cuda.attention, q, k, v, config, masks)
-  grads = _grads(config, masks)
-  first, second = grads(q, k, v), grads(q, k, v)
-  for a, b in zip(first, second):
-    np.testing.assert_array_equal(np.asarray(a, np.float32),
-                                  np.asarray(b, np.float32))
+  _assert_gradients_repeat_bitwise(q, k, v, config, masks)
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])
@@ -217,11 +219,7 @@ def test_head_dim_256(monkeypatch, arch, options, parts):
   config = _config(256, **options)
   check_against_reference(cuda.attention, q, k, v, config, masks)
   if config.deterministic:
-    grads = _grads(config, masks)
-    first, second = grads(q, k, v), grads(q, k, v)
-    for a, b in zip(first, second):
-      np.testing.assert_array_equal(np.asarray(a, np.float32),
-                                    np.asarray(b, np.float32))
+    _assert_gradients_repeat_bitwise(q, k, v, config, masks)
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])
