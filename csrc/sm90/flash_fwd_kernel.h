@@ -12,11 +12,13 @@
 // where the loop's state would spill) one CTA per tile, which claims no
 // other. Three warpgroups:
 //   producer (warpgroup 0): one thread claims the tiles, hands each one to
-//     the consumers with its Q tile (q_full) once they are done with the
-//     previous Q (q_empty), and through two mbarrier pipelines (K and V, two
-//     stages each) loads every visible K/V tile from the last one down; its
-//     registers go to the consumers (setmaxnreg). The next tile's Q and
-//     first K/V tiles arrive while the consumers write the previous output.
+//     the consumers with its Q tile (q_full) in one of Traits::kQStages Q
+//     buffers once they are done with the tile that buffer held (q_empty),
+//     and through two mbarrier pipelines (K and V, two or three stages
+//     each) loads every visible K/V tile from the last one down; its
+//     registers go to the consumers (setmaxnreg). With two Q buffers (the
+//     persistent grid) the next tile's Q, and its first K/V tiles as the
+//     stages free up, load while the consumers still compute this tile.
 //   consumers (warpgroups 1 and 2): 64 query rows each; per K/V tile
 //     S = Q K^T (wgmma, both operands in shared memory), logits and masks,
 //     online softmax in registers, then O += P V with P converted in
@@ -26,8 +28,8 @@
 //     warpgroups, named barriers take turns on the tensor cores so that one
 //     warpgroup's softmax overlaps the other's GEMMs (FlashAttention-3's
 //     intra-warpgroup pipelining and ping-pong scheduling, arXiv 2407.08608).
-// The epilogue divides O by the row sums and writes O and lse from
-// registers.
+// The epilogue divides O by the row sums and writes O through shared memory
+// (the tile's Q buffer) in 16-byte row chunks, and lse from registers.
 // Masks and score modifiers are those of mask.h (docs/ffi_contract.md),
 // applied per element only on tiles that cross a mask boundary.
 #pragma once
@@ -93,6 +95,11 @@ __device__ __forceinline__ void warpgroup_gemm_issue(Mma& mma,
 // turn over once they are issued, so that one warpgroup's softmax runs while
 // the other's GEMMs occupy the tensor cores. Two named barriers, one per
 // warpgroup, each completed by 128 threads waiting and 128 arriving.
+// Named barriers of the consumer warpgroups (CUTLASS numbering, past its
+// reserved ones): the turns take 0 and 1 (TensorCoreTurns), each warpgroup's
+// epilogue 2 + its index.
+constexpr uint32_t kEpilogueBarrier = 2;
+
 template <bool kEnabled>
 struct TensorCoreTurns {
   static constexpr uint32_t kThreads = 256;
@@ -144,7 +151,12 @@ __device__ void write_empty_tile(const FwdParams& p, int b, int h, int m0,
   for (int r = tid; r < rows; r += num_threads) lse[r] = -INFINITY;
 }
 
-template <typename Traits, bool kScoreMod>
+// kScoreMod: logits through ScoreMod (softcap, alibi, a non-positive scale);
+// kSegments: segment ids may be given (tested per tile). Without them the
+// masked tiles test positions only: with the segment test compiled in, every
+// masked element paid for a predicated-off segment id load and its address
+// (about 600 instructions a thread per masked tile, 0.9 us on an H200).
+template <typename Traits, bool kScoreMod, bool kSegments>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   using namespace cute;
@@ -175,8 +187,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   Pipeline pipeline_k(smem.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_v(smem.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
-    smem.q_full.init(1);
-    smem.q_empty.init(Traits::kConsumerThreads);
+#pragma unroll
+    for (int s = 0; s < Traits::kQStages; ++s) {
+      smem.q_full[s].init(1);
+      smem.q_empty[s].init(Traits::kConsumerThreads);
+    }
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
@@ -214,21 +229,25 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       if constexpr (Traits::kPersistent) {
         if (tile < num_tiles) next = gridDim.x + atomicAdd(p.tile_counter, 1);
       }
-      // The consumers are done with the previous tile's Q and index.
-      if (it > 0) smem.q_empty.wait((it - 1) & 1);
+      // Q stage of this tile; the consumers are done with the tile it held
+      // before (with two stages, the one before the tile they compute now).
+      const int qs = it % Traits::kQStages;
+      if (it >= Traits::kQStages) {
+        smem.q_empty[qs].wait((it / Traits::kQStages - 1) & 1);
+      }
       if (tile >= num_tiles) {
-        smem.tile = kNoTile;
-        smem.q_full.arrive();
+        smem.tile[qs] = kNoTile;
+        smem.q_full[qs].arrive();
         return;
       }
-      smem.tile = tile;  // published by the arrival on q_full (release)
+      smem.tile[qs] = tile;  // published by the arrival on q_full (release)
       const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads);
       const int m0 = w.m_block * kBlockM;
       const AttentionMask mask = AttentionMask::make(p, w.b);
       const int key_lo = mask.key_begin(m0);
       const int key_hi = mask.key_end(m0 + kBlockM);
       if (key_lo >= key_hi) {  // no key to load; the consumers write zeros
-        smem.q_full.arrive();
+        smem.q_full[qs].arrive();
         tile = next;
         continue;
       }
@@ -251,12 +270,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       auto [tVg, tVs] = tma_partition(params.tma_v, _0{}, Layout<_1>{},
                                       group_modes<0, 2>(sV),
                                       group_modes<0, 2>(gV));
-      smem.q_full.arrive_and_expect_tx(Traits::kQBytes);
+      smem.q_full[qs].arrive_and_expect_tx(Traits::kQBytes);
       copy(params.tma_q.with(
                reinterpret_cast<typename Pipeline::ProducerBarrierType&>(
-                   smem.q_full),
+                   smem.q_full[qs]),
                0),
-           tQg, tQs);
+           tQg, tQs(_, qs));
       const int n_lo = key_lo / kBlockN;
       const int n_hi = (key_hi - 1) / kBlockN;
       for (int n = n_hi; n >= n_lo; --n) {
@@ -279,7 +298,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   typename Traits::MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K)
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K, stage)
   Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrO =
@@ -315,8 +334,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   typename Pipeline::PipelineState read;
 
   for (int it = 0;; ++it) {
-    smem.q_full.wait(it & 1);
-    const int tile = smem.tile;
+    const int qs = it % Traits::kQStages;
+    smem.q_full[qs].wait((it / Traits::kQStages) & 1);
+    const int tile = smem.tile[qs];
     if (tile == kNoTile) break;
     const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads);
     const int m0 = w.m_block * kBlockM;
@@ -324,7 +344,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     const int key_lo = mask.key_begin(m0);
     const int key_hi = mask.key_end(m0 + kBlockM);
     if (key_lo >= key_hi) {
-      smem.q_empty.arrive();
+      smem.q_empty[qs].arrive();
       write_empty_tile<Traits>(p, w.b, w.h, m0, tid, Traits::kConsumerThreads);
       continue;
     }
@@ -347,15 +367,18 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int i = m0 + get<0>(coords_rc(r, 0));
-        const MaskRow row = mask.row(i);
+        const MaskRow row =
+            kSegments ? mask.row(i) : mask.row_by_position(i);
 #pragma unroll
         for (int c = 0; c < size<1>(s_rc); ++c) {
           const int j = n0 + get<1>(coords_rc(r, c));
           if constexpr (kScoreMod) s_rc(r, c) = score_mod(s_rc(r, c), i, j);
-          if constexpr (kMasked) {
+          if constexpr (kMasked && kSegments) {
             const int kv_segment = mask.has_segments()
                 ? mask.kv_segment_ids[min(j, p.seqlen_k - 1)] : 0;
             if (!row.sees(j, kv_segment)) s_rc(r, c) = -INFINITY;
+          } else if constexpr (kMasked) {
+            if (!row.sees(j)) s_rc(r, c) = -INFINITY;
           }
         }
       }
@@ -374,7 +397,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
           partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
       pipeline_k.consumer_wait(read);
       turns.wait_turn();
-      warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
+      warpgroup_gemm_issue<true, false>(mma_s, tSrQ(_, _, _, qs),
                                         tSrK(_, _, _, read.index()), tSrS);
       turns.pass_turn();
       warpgroup_wait<0>();
@@ -399,7 +422,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       pipeline_k.consumer_wait(read);
       pipeline_v.consumer_wait(read_v);
       turns.wait_turn();
-      warpgroup_gemm_issue<true, false>(mma_s, tSrQ,
+      warpgroup_gemm_issue<true, false>(mma_s, tSrQ(_, _, _, qs),
                                         tSrK(_, _, _, read.index()), tSrS);
       warpgroup_gemm_issue<false, true>(mma_o, tOrP,
                                         tOrV(_, _, _, read_v.index()), tOrO);
@@ -436,10 +459,15 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     pipeline_v.consumer_release(read_v);
-    // Every GEMM of this tile is done: Q's buffer may take the next tile's.
-    smem.q_empty.arrive();
 
-    // Epilogue: O / rowsum; rows past q_len give 0 and lse -inf.
+    // Epilogue: O / rowsum (rows past q_len give 0 and lse -inf), staged
+    // in this warpgroup's half of the tile's Q buffer, which its GEMMs no
+    // longer read (each consumer warpgroup's S GEMM reads only its own 64
+    // rows of Q), by stmatrix, then copied out in 16-byte row chunks.
+    // Straight from the accumulator, each 4-byte store of a warp touched 8
+    // rows; with 4-byte shared stores instead, the swizzled addresses cost
+    // as much (about 800 instructions a thread either way, 1.6 us a tile on
+    // an H200, with the tensor cores idle for most of it).
     float inv_sum[kRows];
     float lse[kRows];
     softmax.finalize(inv_sum, lse, scale_log2);
@@ -447,25 +475,55 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
         make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor out_rc = make_tensor(out_coords.data(),
                                 accumulator_rows_cols(out_coords.layout()));
-    T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
-             w.h * p.out_head_stride;
+    Tensor sO = sQ(_, _, qs);  // (kBlockM, D)
     float* lse_out =
         p.lse + (static_cast<int64_t>(w.b) * p.num_heads + w.h) * p.seqlen_q;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int i = m0 + get<0>(out_rc(r, 0));
-      if (i >= p.seqlen_q) continue;
       const bool live = i < mask.q_len;
       const float scale = live ? inv_sum[r] : 0.f;
-      T* row = out + static_cast<int64_t>(i) * p.out_row_stride;
 #pragma unroll
-      for (int c = 0; c < size<1>(o_rc); c += 2) {
-        // Columns c and c + 1 of the view are adjacent output columns.
-        *reinterpret_cast<uint32_t*>(row + get<1>(out_rc(r, c))) =
-            pack2<T>(o_rc(r, c) * scale, o_rc(r, c + 1) * scale);
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= scale;
+      if (tid % 4 == 0 && i < p.seqlen_q) {
+        lse_out[i] = live ? lse[r] : -INFINITY;
       }
-      if (tid % 4 == 0) lse_out[i] = live ? lse[r] : -INFINITY;
     }
+    {
+      Tensor rO = make_tensor_like<Element>(tOrO);
+#pragma unroll
+      for (int e = 0; e < size(tOrO); ++e) rO(e) = static_cast<Element>(tOrO(e));
+      auto store_o = make_tiled_copy_C(
+          Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_o);
+      auto thr_store_o = store_o.get_thread_slice(tid);
+      copy(store_o, thr_store_o.retile_S(rO), thr_store_o.partition_D(sO));
+    }
+    constexpr int kWarpgroupRows = kBlockM / Traits::kConsumerWarpgroups;
+    const int first_row =
+        get<0>(out_rc(0, 0)) / kWarpgroupRows * kWarpgroupRows;
+    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + warpgroup - 1);
+    {
+      constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
+      T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
+               w.h * p.out_head_stride;
+      const int rows = min(kWarpgroupRows, p.seqlen_q - (m0 + first_row));
+#pragma unroll
+      for (int k = tid % 128; k < kWarpgroupRows * kChunks; k += 128) {
+        const int row = k / kChunks;
+        const int col = (k % kChunks) * 8;
+        if (row < rows) {
+          *reinterpret_cast<uint4*>(
+              out + static_cast<int64_t>(m0 + first_row + row) *
+                        p.out_row_stride + col) =
+              *reinterpret_cast<const uint4*>(&sO(first_row + row, col));
+        }
+      }
+    }
+    // This tile's Q buffer may take a later tile's Q once every consumer
+    // thread is done with it; the TMA that refills it writes through the
+    // async proxy, ordered after these generic accesses by the fence.
+    cutlass::arch::fence_view_async_shared();
+    smem.q_empty[qs].arrive();
   }
   turns.finish();
 }

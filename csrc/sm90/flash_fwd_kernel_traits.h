@@ -32,6 +32,7 @@ struct FwdKernelTraits {
   static constexpr int kStages = fwd_stages(kHeadDim);
   static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
   static constexpr bool kPersistent = fwd_persistent(kHeadDim);
+  static constexpr int kQStages = fwd_q_stages(kHeadDim);
   static constexpr int kConsumerWarpgroups = kFwdConsumerWarpgroups;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * 128;
   static constexpr int kThreads = kFwdThreads;
@@ -68,8 +69,10 @@ struct FwdKernelTraits {
   using SmemAtomQ = decltype(
       cutlass::gemm::collective::detail::ss_smem_selector<
           cute::GMMA::Major::K, Element, cute::Int<kBlockM>, cute::Int<kHeadDim>>());
+  // (kBlockM, D, Q stage).
   using SmemLayoutQ = decltype(cute::tile_to_shape(
-      SmemAtomQ{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+      SmemAtomQ{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>,
+                               cute::Int<kQStages>>{}));
   using SmemAtomKV = decltype(
       cutlass::gemm::collective::detail::ss_smem_selector<
           cute::GMMA::Major::K, Element, cute::Int<kBlockN>, cute::Int<kHeadDim>>());
@@ -94,7 +97,7 @@ struct FwdKernelTraits {
       cute::SM90_TMA_LOAD{},
       cute::make_tensor(cute::make_gmem_ptr(static_cast<const Element*>(nullptr)),
                         GmemShape{}, GmemStride{}),
-      SmemLayoutQ{},
+      cute::take<0, 2>(SmemLayoutQ{}),
       cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}, cute::_1{}));
   using TmaKV = decltype(cute::make_tma_copy(
       cute::SM90_TMA_LOAD{},
@@ -116,11 +119,12 @@ struct FwdKernelTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutKV>> v;
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
-    // The consumers' Q tile has landed (with the tile's index, below).
-    cutlass::arch::ClusterTransactionBarrier q_full;
-    // The consumers are done with Q and the index: the next tile may come.
-    cutlass::arch::ClusterBarrier q_empty;
-    int tile;  // work tile index of the Q tile in hand, or kNoTile
+    // Per Q stage: its Q tile has landed (with the tile's index, below).
+    cutlass::arch::ClusterTransactionBarrier q_full[kQStages];
+    // Per Q stage: the consumers are done with its Q and index, so a later
+    // tile may take the stage.
+    cutlass::arch::ClusterBarrier q_empty[kQStages];
+    int tile[kQStages];  // work tile index of each stage's Q, or kNoTile
   };
   static constexpr int kSmemBytes = static_cast<int>(sizeof(SharedStorage));
 };

@@ -47,8 +47,9 @@ FwdKernelParams<Traits> make_kernel_params(const FwdParams& p) {
                           p.v_batch_stride);
   auto kv_layout = take<0, 2>(typename Traits::SmemLayoutKV{});
   return {p,
-          make_tma_copy(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{},
-                        TileQ{}, _1{}),
+          make_tma_copy(SM90_TMA_LOAD{}, q,
+                        take<0, 2>(typename Traits::SmemLayoutQ{}), TileQ{},
+                        _1{}),
           make_tma_copy(SM90_TMA_LOAD{}, k, kv_layout, TileKV{}, _1{}),
           make_tma_copy(SM90_TMA_LOAD{}, v, kv_layout, TileKV{}, _1{})};
 }
@@ -56,9 +57,9 @@ FwdKernelParams<Traits> make_kernel_params(const FwdParams& p) {
 // The persistent grid (Traits::kPersistent): one CTA per SM (at most one
 // per tile); the CTAs claim their tiles from p.tile_counter, zeroed here
 // first. Otherwise one CTA per tile.
-template <typename Traits, bool kScoreMod>
+template <typename Traits, bool kScoreMod, bool kSegments>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = &flash_fwd_sm90_kernel<Traits, kScoreMod>;
+  auto kernel = &flash_fwd_sm90_kernel<Traits, kScoreMod, kSegments>;
   constexpr int kSmem = Traits::kSmemBytes;
   // Above 48 KB of dynamic shared memory a kernel must opt in; the
   // attribute is per device, so it is set at every launch.
@@ -86,13 +87,17 @@ int run_mha_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Traits = sm90::FwdKernelTraits<T, kHeadDim>;
   if (Traits::kSmemBytes > p.max_smem_per_block) return Traits::kSmemBytes;
   // The plain path keeps raw scores and folds a positive scale into exp2;
-  // anything else computes each logit explicitly.
+  // anything else computes each logit explicitly. Segment ids have a
+  // variant of their own on the plain path; the score-modifier variant
+  // tests for them per tile.
   const bool score_mod = p.softcap > 0.f || p.alibi_slopes != nullptr ||
                          !(p.softmax_scale > 0.f);
   if (score_mod) {
-    sm90::launch_fwd_sm90<Traits, true>(p, stream);
+    sm90::launch_fwd_sm90<Traits, true, true>(p, stream);
+  } else if (p.q_segment_ids != nullptr) {
+    sm90::launch_fwd_sm90<Traits, false, true>(p, stream);
   } else {
-    sm90::launch_fwd_sm90<Traits, false>(p, stream);
+    sm90::launch_fwd_sm90<Traits, false, false>(p, stream);
   }
   return 0;
 }

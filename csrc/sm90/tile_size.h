@@ -37,6 +37,16 @@ constexpr bool fwd_ping_pong(int head_dim) { return head_dim <= 128; }
 // TFLOP/s), so those head dims launch one CTA per tile.
 constexpr bool fwd_persistent(int head_dim) { return head_dim <= 128; }
 
+// Q buffers: two for the persistent grid, so that the producer loads the
+// next tile's Q (and, as K/V stages free up, its first K/V tiles) while the
+// consumers still compute the current tile, instead of after their last
+// GEMM of it; the consumers then find the next tile in shared memory when
+// their epilogue ends. 192 KB of shared memory at D = 128. One CTA per tile
+// (D > 128) has no next tile to load, and no shared memory to spare.
+constexpr int fwd_q_stages(int head_dim) {
+  return fwd_persistent(head_dim) ? 2 : 1;
+}
+
 // Warpgroups: one producer (one thread issues every TMA) and two consumers.
 constexpr int kFwdConsumerWarpgroups = 2;
 constexpr int kFwdThreads = (kFwdConsumerWarpgroups + 1) * 128;
