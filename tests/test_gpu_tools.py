@@ -78,3 +78,28 @@ def test_compare_libraries_reads_tflops_for_training_cases():
   assert tool.metric(record) == ("TFLOP/s", 650.0)
   assert tool.metric(_record("jax_flash_cuda", status="failed")) == (
       "GB/s", None)
+
+
+def test_compare_libraries_averages_each_builds_runs():
+  tool = _load("compare_libraries")
+  ours = "jax_flash_kvcache_cuda"
+  base_1 = [_record(ours, value=2000.0)]
+  base_2 = [_record(ours, value=2200.0)]
+  new_1 = [_record(ours, value=2300.0), _record("jax_cudnn", value=2500.0)]
+  new_2 = [_record(ours, value=2500.0)]
+  rows = tool.compare(base_1, new_1, ours, base_runs=[base_1, base_2],
+                      new_runs=[new_1, new_2])
+  assert len(rows) == 1
+  row = rows[0]
+  assert (row["base"], row["new"], row["best_other"]) == (2100.0, 2400.0,
+                                                          2500.0)
+  assert (row["base_runs"], row["new_runs"]) == ([2000.0, 2200.0],
+                                                 [2300.0, 2500.0])
+  table = tool.markdown(rows)
+  assert "| 2100 | 2400 | 1.143 | 2500 | 0.960 | 2000, 2200 | 2300, 2500 |" \
+      in table
+  # A run in which the build failed leaves its mean unknown, not biased.
+  failed = [_record(ours, value=0.0, status="failed")]
+  rows = tool.compare(base_1, new_1, ours, base_runs=[base_1, failed],
+                      new_runs=[new_1, new_2])
+  assert rows[0]["base"] is None

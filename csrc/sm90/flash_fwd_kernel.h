@@ -2,13 +2,14 @@
 // specialization), persistent with a dynamic tile scheduler up to D = 128.
 //
 // Work tiles are (query tile of 128 rows, head, batch row) in the order of
-// a plain grid (FwdTile::make: within a head the query tiles from the last
-// one down, the longest first under causal/window masks). Persistent
+// FwdTile::make: sections of a few heads, about one GPU's worth of tiles
+// each, and within a section the query tiles from the last one down, the
+// longest first under causal/window masks. Persistent
 // (Traits::kPersistent, D <= 128): one CTA per SM; a CTA starts with tile
 // blockIdx.x and then takes the next unclaimed tile from a counter in
 // global memory (one atomicAdd per tile), so the tiles in flight stay a
-// window of consecutive tiles (the K/V of one or two heads, which stay in
-// L2) and no CTA idles while another holds a long tile. Otherwise (D > 128,
+// window of consecutive tiles (the K/V of a section's few heads, which stay
+// in L2) and no CTA idles while another holds a long tile. Otherwise (D > 128,
 // where the loop's state would spill) one CTA per tile, which claims no
 // other. Three warpgroups:
 //   producer (warpgroup 0): one thread claims the tiles, hands each one to
@@ -172,6 +173,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
   const FwdParams& p = params.p;
   const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  const int section_rows = fwd_section_rows(num_m_blocks, p.num_sms);
   // Warp-uniform (a shuffle from lane 0): kept in a uniform register, where
   // threadIdx.x / 128 is re-read from the special register at every use
   // under register pressure.
@@ -241,7 +243,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
         return;
       }
       smem.tile[qs] = tile;  // published by the arrival on q_full (release)
-      const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads);
+      const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads,
+                                      p.batch, section_rows);
       const int m0 = w.m_block * kBlockM;
       const AttentionMask mask = AttentionMask::make(p, w.b);
       const int key_lo = mask.key_begin(m0);
@@ -338,7 +341,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     smem.q_full[qs].wait((it / Traits::kQStages) & 1);
     const int tile = smem.tile[qs];
     if (tile == kNoTile) break;
-    const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads);
+    const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads,
+                                      p.batch, section_rows);
     const int m0 = w.m_block * kBlockM;
     const AttentionMask mask = AttentionMask::make(p, w.b);
     const int key_lo = mask.key_begin(m0);
@@ -492,7 +496,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     {
       Tensor rO = make_tensor_like<Element>(tOrO);
 #pragma unroll
-      for (int e = 0; e < size(tOrO); ++e) rO(e) = static_cast<Element>(tOrO(e));
+      for (int e = 0; e < size(tOrO); ++e) {
+        rO(e) = static_cast<Element>(tOrO(e));
+      }
       auto store_o = make_tiled_copy_C(
           Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_o);
       auto thr_store_o = store_o.get_thread_slice(tid);

@@ -1,8 +1,10 @@
 // Host checks of the sm90 forward's work tiles (sm90/fwd_tile.h), through
 // the functions the kernel and its launch call:
 // - order: FwdTile::make maps tiles 0 .. n-1 onto every (query tile, head,
-//   batch row) exactly once, in the order of a plain grid (the query tiles
-//   of a head from the last one down, then heads, then batch rows);
+//   batch row) exactly once, in sections of fwd_section_rows consecutive
+//   (head, batch row) pairs: within a section the query tiles from the last
+//   one down, each over the section's rows in order (one row a section:
+//   the order of a plain grid);
 // - schedule: a simulated launch of fwd_num_ctas CTAs, persistent or not,
 //   in which CTAs move in random order (a persistent CTA runs tile
 //   blockIdx.x first, then claims gridDim.x + counter++, as the producer
@@ -18,18 +20,29 @@ namespace {
 
 using jax_flash::sm90::FwdTile;
 using jax_flash::sm90::fwd_num_ctas;
+using jax_flash::sm90::fwd_section_rows;
 
-long check_order(int num_m, int heads, int batch) {
-  const int tiles = num_m * heads * batch;
-  long bad = 0;
-  std::vector<int> seen(tiles, 0);
-  for (int t = 0; t < tiles; ++t) {
-    const FwdTile w = FwdTile::make(t, num_m, heads);
-    const bool ok = w.m_block == num_m - 1 - t % num_m &&
-                    w.h == (t / num_m) % heads && w.b == t / (num_m * heads);
-    if (ok) ++seen[(w.b * heads + w.h) * num_m + w.m_block];
-    bad += !ok;
+// The order written out as loops, against FwdTile::make tile by tile.
+long check_order(int num_m, int heads, int batch, int num_sms) {
+  const int rows = heads * batch;
+  const int section = fwd_section_rows(num_m, num_sms);
+  long bad = section < 1 || (num_sms > num_m && section * num_m > num_sms) ||
+             (num_m >= num_sms && section != 1);
+  std::vector<int> seen(rows * num_m, 0);
+  int t = 0;
+  for (int first = 0; first < rows; first += section) {
+    const int last = first + section < rows ? first + section : rows;
+    for (int m = num_m - 1; m >= 0; --m) {
+      for (int row = first; row < last; ++row, ++t) {
+        const FwdTile w = FwdTile::make(t, num_m, heads, batch, section);
+        const bool ok =
+            w.m_block == m && w.h == row % heads && w.b == row / heads;
+        if (ok) ++seen[row * num_m + m];
+        bad += !ok;
+      }
+    }
   }
+  bad += t != rows * num_m;
   for (int count : seen) bad += count != 1;
   return bad;
 }
@@ -69,8 +82,8 @@ int main() {
   for (int num_m = 1; num_m <= 45; num_m += num_m < 10 ? 1 : 7) {
     for (int heads = 1; heads <= 13; heads += 3) {
       for (int batch = 1; batch <= 5; batch += 2) {
-        mismatches += check_order(num_m, heads, batch);
         for (int num_sms : {1, 7, 132}) {
+          mismatches += check_order(num_m, heads, batch, num_sms);
           for (bool persistent : {true, false}) {
             mismatches += check_schedule(num_m * heads * batch, num_sms,
                                          persistent, &rng);

@@ -12,6 +12,12 @@ the best of them, measured in the same run:
       --out /tmp/ab --others jax_cudnn -- --kinds decode \\
       --in-program-calls 20 --rounds 2 --calls 10
 
+With `--abba` the builds run base, new, new, base (the implementations in
+`--others` with the first new run) and each build's value is the mean of its
+two runs: the second of two back-to-back processes has measured up to 10%
+faster at 1k tokens on an H200, which a plain base-then-new order credits to
+the new build. The table then also gives each build's two runs.
+
 Arguments after `--` go to the benchmark as they are (not --impls, --out or
 --no-plots, which this script sets). The table is TFLOP/s, GB/s for
 decoding cases.
@@ -44,9 +50,13 @@ def problem(record: Record) -> tuple:
   return (tuple(sorted(record["case"].items())), record["mode"])
 
 
-def compare(base: list[Record], new: list[Record], impl: str) -> list[dict]:
-  """One row per problem of `impl` in `new`: its value in both runs, and the
-  best value of any other implementation in `new` (None where none ran)."""
+def compare(base: list[Record], new: list[Record], impl: str,
+            base_runs: Optional[list[list[Record]]] = None,
+            new_runs: Optional[list[list[Record]]] = None) -> list[dict]:
+  """One row per problem of `impl` in `new`: its value in both builds, and
+  the best value of any other implementation in `new` (None where none
+  ran). With several runs of a build (`base_runs`, `new_runs`), a build's
+  value is the mean of its runs' values and the row also holds each run's."""
   def best(records, wanted):
     """The highest value per problem among the wanted implementations'
     records (None for a problem none of them ran)."""
@@ -60,17 +70,33 @@ def compare(base: list[Record], new: list[Record], impl: str) -> list[dict]:
         out[key] = v
     return out
 
-  base_v = best(base, lambda name: name == impl)
-  new_v = best(new, lambda name: name == impl)
+  def runs_of(runs):
+    """Per problem, the values of `impl` in each run (None where it did not
+    run)."""
+    per_run = [best(records, lambda name: name == impl) for records in runs]
+    keys = {key for values in per_run for key in values}
+    return {key: [values.get(key) for values in per_run] for key in keys}
+
+  def mean(values):
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if len(known) == len(values) else None
+
+  base_all = runs_of(base_runs or [base])
+  new_all = runs_of(new_runs or [new])
   other_v = best(new, lambda name: name != impl)
   rows = []
   for r in new:
     if r["impl"] != impl:
       continue
     key = problem(r)
-    rows.append(dict(case=r["case"], mode=r["mode"], unit=metric(r)[0],
-                     base=base_v.get(key), new=new_v.get(key),
-                     best_other=other_v.get(key)))
+    row = dict(case=r["case"], mode=r["mode"], unit=metric(r)[0],
+               base=mean(base_all.get(key, [None])),
+               new=mean(new_all.get(key, [None])),
+               best_other=other_v.get(key))
+    if base_runs or new_runs:
+      row["base_runs"] = base_all.get(key, [])
+      row["new_runs"] = new_all.get(key, [])
+    rows.append(row)
   return rows
 
 
@@ -94,15 +120,23 @@ def _label(case: dict, mode: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-  """The comparison as a Markdown table."""
-  lines = ["| problem | unit | base | new | new / base | best other | "
-           "new / best other |", "|---|---|---|---|---|---|---|"]
+  """The comparison as a Markdown table (with each run's values where a
+  build ran more than once)."""
+  runs = any("base_runs" in row for row in rows)
+  header = ("| problem | unit | base | new | new / base | best other | "
+            "new / best other |")
+  if runs:
+    header += " base runs | new runs |"
+  lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for row in rows:
-    lines.append(
-        f"| {_label(row['case'], row['mode'])} | {row['unit']} | "
-        f"{_value(row['base'])} | {_value(row['new'])} | "
-        f"{_ratio(row['new'], row['base'])} | {_value(row['best_other'])} | "
-        f"{_ratio(row['new'], row['best_other'])} |")
+    line = (f"| {_label(row['case'], row['mode'])} | {row['unit']} | "
+            f"{_value(row['base'])} | {_value(row['new'])} | "
+            f"{_ratio(row['new'], row['base'])} | {_value(row['best_other'])} | "
+            f"{_ratio(row['new'], row['best_other'])} |")
+    if runs:
+      line += (" " + ", ".join(map(_value, row.get("base_runs", []))) + " | "
+               + ", ".join(map(_value, row.get("new_runs", []))) + " |")
+    lines.append(line)
   return "\n".join(lines)
 
 
@@ -131,6 +165,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="jax_flash's implementation to compare (default: "
                       "jax_flash_kvcache_cuda with --kinds decode, else "
                       "jax_flash_cuda)")
+  parser.add_argument("--abba", action="store_true",
+                      help="run base, new, new, base and average each "
+                      "build's two runs (cancels a drift between processes)")
   parser.add_argument("--others", default="",
                       help="comma-separated implementations run beside the "
                       "new build, e.g. jax_cudnn,fa3_jax")
@@ -145,9 +182,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                        if "decode" in " ".join(bench_args)
                        else "jax_flash_cuda")
   others = [name for name in args.others.split(",") if name]
-  base = _run(args.base, [impl], args.out / "base", bench_args)
-  new = _run(args.new, [impl] + others, args.out / "new", bench_args)
-  table = markdown(compare(base, new, impl))
+  if args.abba:
+    base_1 = _run(args.base, [impl], args.out / "base", bench_args)
+    new = _run(args.new, [impl] + others, args.out / "new", bench_args)
+    new_2 = _run(args.new, [impl], args.out / "new_2", bench_args)
+    base_2 = _run(args.base, [impl], args.out / "base_2", bench_args)
+    table = markdown(compare(base_1, new, impl, base_runs=[base_1, base_2],
+                             new_runs=[new, new_2]))
+  else:
+    base = _run(args.base, [impl], args.out / "base", bench_args)
+    new = _run(args.new, [impl] + others, args.out / "new", bench_args)
+    table = markdown(compare(base, new, impl))
   (args.out / "comparison.md").write_text(table + "\n")
   print(table)
   return 0
