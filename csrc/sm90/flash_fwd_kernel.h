@@ -2,9 +2,11 @@
 // specialization), persistent with a dynamic tile scheduler up to D = 128.
 //
 // Work tiles are (query tile of 128 rows, head, batch row) in the order of
-// FwdTile::make: sections of a few heads, about one GPU's worth of tiles
-// each, and within a section the query tiles from the last one down, the
-// longest first under causal/window masks. Persistent
+// FwdTile::make: within a head the query tiles from the last one down,
+// then the next head; under a causal mask (or any bound right of the
+// diagonal) the heads go in sections of about one GPU's worth of tiles, each
+// section's query tiles from the last one down over all its heads, so that
+// the longest run first. Persistent
 // (Traits::kPersistent, D <= 128): one CTA per SM; a CTA starts with tile
 // blockIdx.x and then takes the next unclaimed tile from a counter in
 // global memory (one atomicAdd per tile), so the tiles in flight stay a
@@ -173,7 +175,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
   const FwdParams& p = params.p;
   const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
-  const int section_rows = fwd_section_rows(num_m_blocks, p.num_sms);
+  // Sections only where a query tile's length grows with its index
+  // (causal, or any bound right of the diagonal): with a full mask the
+  // tiles are equal and a head's query tiles, run back to back, share
+  // their K/V reads in L2 (sections measured 4% slower at full 1k, D = 128).
+  const int section_rows =
+      p.window_right >= 0 ? fwd_section_rows(num_m_blocks, p.num_sms) : 1;
   // Warp-uniform (a shuffle from lane 0): kept in a uniform register, where
   // threadIdx.x / 128 is re-read from the special register at every use
   // under register pressure.

@@ -2,20 +2,19 @@
 //
 // A work tile is (query tile of kBlockM rows, head, batch row). The (head,
 // batch row) pairs ("rows" here, head fastest) are cut into sections of
-// fwd_section_rows consecutive rows, about as many tiles as the GPU runs at
-// once; tile t of a call runs the sections in turn and, within a section,
-// the query tiles from the last one down, each over every row of the
-// section. Under a causal mask the last query tiles are the longest, so
-// each section runs longest first, and the section in flight at the end of
-// the call ends with its shortest tiles instead of whichever tile the last
-// head happened to reach. A section's K/V (a few heads) stays in L2. Where a
-// head alone has as many query tiles as the GPU runs at once, a section is
-// one row: the query tiles of a head from the last one down, then the next
-// head. The persistent grid has one CTA per SM (at most one per tile): CTA
-// c runs tile c first and then claims tiles num_ctas, num_ctas + 1, ...
-// from a counter, so the tiles in flight stay consecutive. Host and device
-// code share these functions; tests/csrc/check_fwd_tiles.cu checks them on
-// the host.
+// `section_rows` consecutive rows; tile t of a call runs the sections in
+// turn and, within a section, the query tiles from the last one down, each
+// over every row of the section. With one row a section the order is a
+// plain grid's: the query tiles of a head from the last one down, then the
+// next head. Under a causal mask the last query tiles are the longest, and
+// the kernel takes fwd_section_rows (about as many tiles as the GPU runs at
+// once): each section runs longest first, so the call ends with short tiles
+// instead of whichever tile the last head happened to reach, and a
+// section's K/V (a few heads) stays in L2. The persistent grid has one CTA
+// per SM (at most one per tile): CTA c runs tile c first and then claims
+// tiles num_ctas, num_ctas + 1, ... from a counter, so the tiles in flight
+// stay consecutive. Host and device code share these functions;
+// tests/csrc/check_fwd_tiles.cu checks them on the host.
 #pragma once
 
 #include <cstdint>

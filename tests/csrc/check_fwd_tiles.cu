@@ -1,10 +1,10 @@
 // Host checks of the sm90 forward's work tiles (sm90/fwd_tile.h), through
 // the functions the kernel and its launch call:
 // - order: FwdTile::make maps tiles 0 .. n-1 onto every (query tile, head,
-//   batch row) exactly once, in sections of fwd_section_rows consecutive
-//   (head, batch row) pairs: within a section the query tiles from the last
-//   one down, each over the section's rows in order (one row a section:
-//   the order of a plain grid);
+//   batch row) exactly once, in sections of consecutive (head, batch row)
+//   pairs, one or fwd_section_rows of them (checked too): within a section
+//   the query tiles from the last one down, each over the section's rows in
+//   order (one row a section: the order of a plain grid);
 // - schedule: a simulated launch of fwd_num_ctas CTAs, persistent or not,
 //   in which CTAs move in random order (a persistent CTA runs tile
 //   blockIdx.x first, then claims gridDim.x + counter++, as the producer
@@ -22,12 +22,19 @@ using jax_flash::sm90::FwdTile;
 using jax_flash::sm90::fwd_num_ctas;
 using jax_flash::sm90::fwd_section_rows;
 
-// The order written out as loops, against FwdTile::make tile by tile.
-long check_order(int num_m, int heads, int batch, int num_sms) {
-  const int rows = heads * batch;
+// Sections fill the GPU's CTA slots without exceeding them, and are one
+// row where a head alone fills them.
+long check_section_rows(int num_m, int num_sms) {
   const int section = fwd_section_rows(num_m, num_sms);
-  long bad = section < 1 || (num_sms > num_m && section * num_m > num_sms) ||
-             (num_m >= num_sms && section != 1);
+  return section < 1 || (num_sms > num_m && section * num_m > num_sms) ||
+         (num_sms > num_m && (section + 1) * num_m <= num_sms) ||
+         (num_m >= num_sms && section != 1);
+}
+
+// The order written out as loops, against FwdTile::make tile by tile.
+long check_order(int num_m, int heads, int batch, int section) {
+  const int rows = heads * batch;
+  long bad = 0;
   std::vector<int> seen(rows * num_m, 0);
   int t = 0;
   for (int first = 0; first < rows; first += section) {
@@ -82,8 +89,11 @@ int main() {
   for (int num_m = 1; num_m <= 45; num_m += num_m < 10 ? 1 : 7) {
     for (int heads = 1; heads <= 13; heads += 3) {
       for (int batch = 1; batch <= 5; batch += 2) {
+        mismatches += check_order(num_m, heads, batch, 1);
         for (int num_sms : {1, 7, 132}) {
-          mismatches += check_order(num_m, heads, batch, num_sms);
+          mismatches += check_section_rows(num_m, num_sms);
+          mismatches += check_order(num_m, heads, batch,
+                                    fwd_section_rows(num_m, num_sms));
           for (bool persistent : {true, false}) {
             mismatches += check_schedule(num_m * heads * batch, num_sms,
                                          persistent, &rng);
