@@ -93,16 +93,16 @@ __device__ __forceinline__ void warpgroup_gemm_issue(Mma& mma,
   }
 }
 
-// Turn-taking of the two consumer warpgroups on the tensor cores
-// ("ping-pong"): a warpgroup issues its GEMMs only in its turn and hands the
-// turn over once they are issued, so that one warpgroup's softmax runs while
-// the other's GEMMs occupy the tensor cores. Two named barriers, one per
-// warpgroup, each completed by 128 threads waiting and 128 arriving.
 // Named barriers of the consumer warpgroups (CUTLASS numbering, past its
 // reserved ones): the turns take 0 and 1 (TensorCoreTurns), each warpgroup's
 // epilogue 2 + its index.
 constexpr uint32_t kEpilogueBarrier = 2;
 
+// Turn-taking of the two consumer warpgroups on the tensor cores
+// ("ping-pong"): a warpgroup issues its GEMMs only in its turn and hands the
+// turn over once they are issued, so that one warpgroup's softmax runs while
+// the other's GEMMs occupy the tensor cores. Two named barriers, one per
+// warpgroup, each completed by 128 threads waiting and 128 arriving.
 template <bool kEnabled>
 struct TensorCoreTurns {
   static constexpr uint32_t kThreads = 256;
