@@ -5,7 +5,8 @@ check_bwd_layouts.cu compares the sm90 backward's address shortcuts with
 cute's layouts for every thread; check_dq_order.cu checks the deterministic
 dQ order for many masks and simulates launches of it to completion;
 check_fwd_tiles.cu checks the sm90 forward's tile order and simulates its
-persistent schedule. They
+persistent schedule; check_decode_layouts.cu checks the swizzled layout the
+decoding kernel reads tensor-copied K/V tiles in. They
 need nvcc and the CUTLASS headers (nvidia-cutlass) but no GPU.
 """
 import pathlib
@@ -21,7 +22,8 @@ import build_cuda  # pylint: disable=wrong-import-position
 
 @pytest.mark.parametrize("program", ["check_bwd_layouts.cu",
                                      "check_dq_order.cu",
-                                     "check_fwd_tiles.cu"])
+                                     "check_fwd_tiles.cu",
+                                     "check_decode_layouts.cu"])
 def test_kernel_addresses_match_cute_layouts(program, tmp_path):
   nvcc = build_cuda.find_nvcc()
   if nvcc is None:

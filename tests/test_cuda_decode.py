@@ -150,6 +150,35 @@ def test_block_ids_out_of_range_read_as_empty_blocks():
   np.testing.assert_allclose(lse, want_lse, atol=1e-3)
 
 
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_non_finite_cache_entries_past_the_lengths_are_never_used(
+    block_size):
+  # Slots past a row's length hold whatever was stored there: here inf and
+  # NaN. The tiles that hold them (a contiguous cache brings whole 64-key
+  # tiles in by tensor copies on sm_90) must mask them, with no 0 * inf.
+  s = 1024
+  q, k, v = _inputs(9, 3, 2, s, 8, 2, 128)
+  lengths = jnp.array([1, 700, 1001], jnp.int32)
+  stale = (jnp.arange(s)[None, :] >= lengths[:, None])[:, :, None, None]
+  k_bad = jnp.where(stale, jnp.asarray(jnp.inf, k.dtype), k)
+  v_bad = jnp.where(stale, jnp.asarray(jnp.nan, v.dtype), v)
+  config = _config(128, causal=True)
+  call = jax.jit(lambda *a: decode.decode_call(*a, config=config))
+  want = call(q, k, v, lengths)
+  if block_size is None:
+    got = call(q, k_bad, v_bad, lengths)
+  else:
+    order = np.random.default_rng(1).permutation(3 * (s // block_size))
+    table = jnp.asarray(order.reshape(3, -1), jnp.int32)
+    got = jax.jit(lambda *a: decode.decode_call(
+        *a[:4], config=config, block_table=a[4]))(
+            q, _paged(k_bad, block_size, order),
+            _paged(v_bad, block_size, order), lengths, table)
+  for name, a, b in zip(("out", "lse"), got, want):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32), err_msg=name)
+
+
 def test_lengths_past_the_capacity_are_clamped():
   q, k, v = _inputs(8, 2, 1, 300, 8, 2, 128)
   config = _config(128, causal=True)

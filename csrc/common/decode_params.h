@@ -22,6 +22,8 @@
 
 #include <cstdint>
 
+#include "common/kv_cache_tensor_map.h"
+
 namespace jax_flash {
 
 struct DecodeParams {
@@ -64,6 +66,13 @@ struct DecodeParams {
   float* partial_out = nullptr;  // (num_splits, B, H, Sq, D) float32
   float* partial_lse = nullptr;  // (num_splits, B, H, Sq) float32
 
+  // Tensor maps of a contiguous cache (sm_90): set, with use_tensor_maps,
+  // by make_kv_cache_tensor_maps (ffi/decode_tensor_maps.h) where the cache
+  // meets the copy engine's rules; the kernel then loads K/V tiles by TMA.
+  bool use_tensor_maps = false;
+  KvCacheTensorMaps maps;
+
+  int arch = 0;     // compute capability, 10 * major + minor
   int num_sms = 0;  // multiprocessors on the device
   // Dynamic shared memory a CTA may opt into on the device (bytes).
   int max_smem_per_block = 0;

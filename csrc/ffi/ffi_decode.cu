@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/decode_params.h"
+#include "ffi/decode_tensor_maps.h"
 #include "ffi/ffi_common.h"
 #include "kernel_list.h"
 #include "sm80/decode_tile_size.h"
@@ -144,6 +145,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q,
 
   FwdParams device;  // the device's SM count and shared memory
   set_device_info(&device);
+  p.arch = device.arch;
   p.num_sms = device.num_sms;
   p.max_smem_per_block = device.max_smem_per_block;
   const DecodeWorkspace layout =
@@ -162,6 +164,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q,
     p.partial_out = reinterpret_cast<float*>(workspace->untyped_data());
     p.partial_lse = p.partial_out + layout.out_floats;
   }
+
+  make_kv_cache_tensor_maps(&p, dtype == kDtype_bf16);
 
   const char* kernel = nullptr;
   int smem_needed = 0;

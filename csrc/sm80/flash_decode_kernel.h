@@ -11,12 +11,13 @@
 // an m16 block of rows each, for many. Each warp keeps an online softmax:
 //   S = Q K^T (mma.sync m16n8k16), logits with softcap/alibi, the masks,
 //   P = exp(S - max), O += P V.
-// For a paged cache on sm_90 the K/V tiles come in through the bulk-copy
-// engine instead: one `cp.async.bulk` per K row and per V row (a lane each),
-// with each stage's completion counted on an mbarrier (the transaction bytes
-// of its rows). On the H200 that reads paged caches 4-9% faster and
-// contiguous ones 1-6% slower than cp.async (docs/performance.md), so
-// contiguous caches keep cp.async.
+// On sm_90 the K/V tiles come in through the copy engine instead
+// (DecodeLoads): for a paged cache one `cp.async.bulk` per K row and per V
+// row (a lane each), which read paged caches 4-9% faster than cp.async on
+// the H200 (and contiguous ones 1-6% slower); for a contiguous cache one
+// tensor copy (TMA) per K tile and per V tile, issued by one thread, into a
+// 128-byte-swizzled layout. Either way each stage completes on an mbarrier
+// that counts its bytes.
 // The warps' (out, lse) are merged through shared memory; with one split
 // that is the result, otherwise a float32 partial per split that
 // flash_decode_combine_kernel merges (the same math as
@@ -26,11 +27,13 @@
 #include <cmath>
 #include <cstdint>
 
+#include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include "common/bulk_copy.h"
 #include "common/decode_params.h"
+#include "common/kv_cache_tensor_map.h"
 #include "common/mask.h"
 #include "common/utils.h"
 #include "sm80/decode_tile_size.h"
@@ -56,19 +59,26 @@ struct DecodeTraits {
   static constexpr int kStages = decode_stages(kHeadDim);
   static constexpr int kPitch = smem_row_pitch(kHeadDim);  // elements
   static constexpr int kChunksPerRow = kHeadDim / 8;       // 16-byte chunks
-  // Shared memory: Q, kStages K tiles, kStages V tiles, then one flag per
-  // key of each stage (the key is readable: inside the split's range and in
-  // a valid block). The epilogue reuses the K/V tiles for the warps'
-  // float32 outputs and lse.
-  static constexpr int kQBytes = kRows * kPitch * static_cast<int>(sizeof(T));
+  // Shared memory: kStages K tiles and kStages V tiles (first, so that
+  // each starts 1024-byte aligned as the swizzled layout needs), Q, one
+  // flag per key of each stage (the key is readable: inside the split's
+  // range and in a valid block), one mbarrier per stage. A tile takes
+  // kBlockN padded rows (cp.async, bulk rows) or kBlockN dense swizzled
+  // rows (tensor copies), within the same bytes. The epilogue reuses the
+  // K/V tiles for the warps' float32 outputs and lse.
   static constexpr int kTileBytes =
       kBlockN * kPitch * static_cast<int>(sizeof(T));
+  // Bytes a tensor copy of one tile brings (the box: kBlockN x kHeadDim).
+  static constexpr int kDenseTileBytes =
+      kBlockN * kHeadDim * static_cast<int>(sizeof(T));
   static constexpr int kKVBytes = 2 * kStages * kTileBytes;
+  static constexpr int kQOffset = kKVBytes;
+  static constexpr int kQBytes = kRows * kPitch * static_cast<int>(sizeof(T));
+  static constexpr int kFlagOffset = kQOffset + kQBytes;
   static constexpr int kFlagBytes = kStages * kBlockN * 4;
-  // sm_90: one mbarrier per stage, completed by its rows' bulk copies.
+  static constexpr int kBarrierOffset = kFlagOffset + kFlagBytes;
   static constexpr int kBarrierBytes = kStages * 8;
-  static constexpr int kSmemBytes =
-      kQBytes + kKVBytes + kFlagBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + kBarrierBytes;
   // Bytes of one cache row (one key of one K/V head), the unit of a bulk
   // copy.
   static constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(T));
@@ -79,6 +89,11 @@ struct DecodeTraits {
   static_assert(kNTiles % 2 == 0, "K fragments load two n8 tiles at once");
   static_assert(kHeadDim % 16 == 0, "head dim in k16 steps");
   static_assert(kScratchBytes <= kKVBytes, "epilogue fits in the K/V tiles");
+  static_assert(kTileBytes % 1024 == 0, "tiles stay 1024-byte aligned");
+  static_assert(kDenseTileBytes <= kTileBytes, "a swizzled tile fits");
+  static_assert(kBarrierOffset % 8 == 0, "mbarriers are 8-byte aligned");
+  static_assert(kHeadDim % 64 == 0 && kBlockN == kDecodeTensorBoxRows,
+                "tensor copies move 64-column blocks of kBlockN rows");
   static_assert(kBlockN == 16 * kNWarps, "each warp copies 16 rows");
   static_assert(kRowBytes % 16 == 0 && (kPitch * sizeof(T)) % 16 == 0,
                 "bulk copies move 16-byte multiples between aligned rows");
@@ -133,9 +148,33 @@ __device__ __forceinline__ void store_row(const DecodeParams& p, int split,
   if (d0 == 0) p.partial_lse[row] = lse;
 }
 
-// kBulkLoads: bring K/V in by bulk copies where the code runs on sm_90 or
-// later (cp.async elsewhere); the launcher asks for them for paged caches.
-template <typename Traits, bool kBulkLoads>
+// How a decoding CTA brings its K/V tiles into shared memory. The launcher
+// asks for kBulkRows with a paged cache and kTensorTiles with a contiguous
+// one on sm_90; device code compiled for an earlier arch runs kCpAsync
+// whatever it was asked (the copy engine is sm_90's).
+enum class DecodeLoads {
+  kCpAsync,      // 16-byte cp.async by every thread, padded rows
+  kBulkRows,     // one cp.async.bulk per key row (a lane each), padded rows
+  kTensorTiles,  // one tensor copy per K and per V tile, swizzled rows
+};
+
+// Lets the next kernel on the stream, launched as a programmatic dependent
+// (the combine), start its CTAs; it still waits for this grid to finish.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Waits until the grids this one depends on have finished and their
+// memory is visible (a no-op without a programmatic dependency).
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+template <typename Traits, DecodeLoads kLoadsAsked>
 __global__ void __launch_bounds__(Traits::kNThreads)
 flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   using T = typename Traits::T;
@@ -148,17 +187,24 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kChunksPerRow = Traits::kChunksPerRow;
   constexpr int kNThreads = Traits::kNThreads;
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const uint32_t q_base = smem_addr(smem_raw);
-  const uint32_t k_base = q_base + Traits::kQBytes;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t k_base = smem_addr(smem_raw);
   const uint32_t v_base = k_base + kStages * Traits::kTileBytes;
-  int* key_ok =
-      reinterpret_cast<int*>(smem_raw + Traits::kQBytes + Traits::kKVBytes);
+  const uint32_t q_base = k_base + Traits::kQOffset;
+  int* key_ok = reinterpret_cast<int*>(smem_raw + Traits::kFlagOffset);
   // sm_90: stage s holds its tile once full[s] completes a phase.
-  uint64_t* full = reinterpret_cast<uint64_t*>(
-      smem_raw + Traits::kQBytes + Traits::kKVBytes + Traits::kFlagBytes);
+  uint64_t* full =
+      reinterpret_cast<uint64_t*>(smem_raw + Traits::kBarrierOffset);
   using StageBarrier = cutlass::arch::ClusterTransactionBarrier;
-  constexpr bool kBulk = kBulkLoads && kHasBulkCopy;
+  constexpr DecodeLoads kLoads =
+      kHasBulkCopy ? kLoadsAsked : DecodeLoads::kCpAsync;
+  constexpr bool kBulk = kLoads == DecodeLoads::kBulkRows;
+  constexpr bool kTensor = kLoads == DecodeLoads::kTensorTiles;
+  // Each stage's mbarrier: completed by the bulk copies of its rows (one
+  // arrival per warp) or by its two tensor copies (one arrival).
+  constexpr bool kBarriers = kBulk || kTensor;
+  // The combine kernel may start launching now; it waits for this grid.
+  allow_dependent_launch();
 
   const int split = blockIdx.x;
   const int row0 = blockIdx.y * Traits::kRows;  // first packed row g*Sq+s
@@ -264,7 +310,7 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
           &full[stage], static_cast<uint32_t>(copies) * Traits::kRowBytes);
     }
     __syncwarp();
-    unsigned char* dst = smem_raw + Traits::kQBytes +
+    unsigned char* dst = smem_raw +
                          (is_v ? kStages * Traits::kTileBytes : 0) +
                          stage * Traits::kTileBytes +
                          row * kPitch * static_cast<int>(sizeof(T));
@@ -282,18 +328,43 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     }
   };
 
-  if constexpr (kBulk) {
+  // The same by two tensor copies from thread 0: keys [n0, n0 + kBlockN)
+  // of K and of V, all columns, into stage `stage` in the swizzled layout.
+  // Keys past the cache's capacity come in as zeros; keys in [key_hi,
+  // capacity) come in as stored and are masked (their V rows are zeroed
+  // before use, see below). K/V are read once: evict them from L2 first.
+  auto load_kv_tensor = [&](int n, int stage) {
+    const int n0 = key_lo + n * kBlockN;
+    StageBarrier::arrive_and_expect_tx(&full[stage],
+                                       2 * Traits::kDenseTileBytes);
+    constexpr uint64_t kEvictFirst =
+        static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_FIRST);
+    unsigned char* k_dst = smem_raw + stage * Traits::kTileBytes;
+    unsigned char* v_dst = k_dst + kStages * Traits::kTileBytes;
+    cute::SM90_TMA_LOAD_5D::copy(&p.maps.k, &full[stage], kEvictFirst, k_dst,
+                                 0, n0, 0, kv_h, b);
+    cute::SM90_TMA_LOAD_5D::copy(&p.maps.v, &full[stage], kEvictFirst, v_dst,
+                                 0, n0, 0, kv_h, b);
+  };
+
+  if constexpr (kBarriers) {
     if (tid == 0) {
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
-        StageBarrier::init(&full[s], Traits::kNWarps);
+        StageBarrier::init(&full[s], kTensor ? 1 : Traits::kNWarps);
       }
       cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < num_tiles) load_kv_bulk(s, s);
+      if (s < num_tiles) {
+        if constexpr (kTensor) {
+          if (tid == 0) load_kv_tensor(s, s);
+        } else {
+          load_kv_bulk(s, s);
+        }
+      }
     }
     cp_async_commit();  // Q
     cp_async_wait<0>();  // the loop's first barrier publishes it
@@ -306,10 +377,11 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   }
 
   // This warp's operands in shared memory: its 16 query rows, and the
-  // first of its keys in each K and V tile.
-  const T* q_warp = reinterpret_cast<const T*>(smem_raw) +
+  // first of its keys in each K and V tile (the swizzled layout is
+  // addressed from the tile's origin, by key row).
+  const T* q_warp = reinterpret_cast<const T*>(smem_raw + Traits::kQOffset) +
                     row_warp * 16 * kPitch;
-  const int warp_key_offset = key_warp * Traits::kWarpKeys * kPitch;
+  const int warp_key_row = key_warp * Traits::kWarpKeys;
 
   // This lane's two rows (g and g + 8 of the warp's m16 block): their query
   // token (Sq for padding rows, which then see no key), head and alibi slope.
@@ -334,7 +406,26 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   for (int n = 0; n < num_tiles; ++n) {
     const int stage = n % kStages;
     const int next = n + kStages - 1;
-    if constexpr (kBulk) {
+    if constexpr (kTensor) {
+      StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
+      // A partial last tile: its V rows from key_hi on hold whatever the
+      // cache holds there (perhaps not finite, and 0 * inf is NaN), so
+      // they are zeroed before any warp reads them. Only the tile holding
+      // key_hi, once per CTA.
+      const int n0 = key_lo + n * kBlockN;
+      if (n0 + kBlockN > key_hi) {
+        uint4* v_rows = reinterpret_cast<uint4*>(
+            smem_raw + (kStages + stage) * Traits::kTileBytes);
+        const int first = key_hi - n0;  // rows [first, kBlockN) of each block
+        constexpr int kBlocks = kHeadDim / 64;  // 128-byte rows per key
+        for (int c = tid; c < kBlocks * kBlockN * 8; c += kNThreads) {
+          const int row = (c / 8) % kBlockN;
+          if (row >= first) v_rows[c] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      __syncthreads();  // tile n ready, every warp done with tile n - 1
+      if (next < num_tiles && tid == 0) load_kv_tensor(next, next % kStages);
+    } else if constexpr (kBulk) {
       StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
       __syncthreads();  // and every warp is done with tile n - 1
       if (next < num_tiles) load_kv_bulk(next, next % kStages);
@@ -344,16 +435,27 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
       if (next < num_tiles) load_kv(next, next % kStages);
       cp_async_commit();
     }
-    const T* k_tile = reinterpret_cast<const T*>(
-        smem_raw + Traits::kQBytes + stage * Traits::kTileBytes) +
-        warp_key_offset;
+    const T* k_tile =
+        reinterpret_cast<const T*>(smem_raw + stage * Traits::kTileBytes);
     const T* v_tile = k_tile + kStages * Traits::kTileBytes / sizeof(T);
+    // The warp's keys start at row warp_key_row of the tile, a multiple of
+    // 8, so the swizzle (by row % 8) reads the same from there.
+    const auto tile = [] {
+      if constexpr (kTensor) {
+        return Swizzled128Tile<kBlockN>{};
+      } else {
+        return PitchedTile{kPitch};
+      }
+    }();
+    static_assert(Traits::kWarpKeys % 8 == 0, "warps' keys start at row 8k");
+    const T* k_warp = k_tile + tile.offset(warp_key_row, 0);
+    const T* v_warp = v_tile + tile.offset(warp_key_row, 0);
 
     // S = Q K^T over this warp's keys of the tile
     float s[1][kNTiles][4];
     zero(s);
-    warp_mma<1, kNTiles, kHeadDim, false, false>(s, q_warp, kPitch, k_tile,
-                                                 kPitch);
+    warp_mma<1, kNTiles, kHeadDim, false, false>(s, q_warp, kPitch, k_warp,
+                                                 tile);
 
     // Logits (scale, softcap, alibi), then the mask: the row's visible key
     // range and the tile's readable keys.
@@ -372,7 +474,10 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
           float x = s[0][nt][2 * r + e] * p.softmax_scale;
           if (softcap.enabled()) x = softcap(x);
           x -= slope[r] * fabsf(static_cast<float>(query_pos - j));
-          const bool visible = row.sees(j) && ok_tile[jj] != 0;
+          // Readable: flagged by the loads, or for tensor copies (a
+          // contiguous cache) simply inside the split.
+          const bool readable = kTensor ? j < key_hi : ok_tile[jj] != 0;
+          const bool visible = row.sees(j) && readable;
           s[0][nt][2 * r + e] = visible ? x : -INFINITY;
         }
       }
@@ -385,7 +490,7 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     for (int kk = 0; kk < Traits::kWarpKeys / 16; ++kk) {
       uint32_t a[1][4];
       accumulator_as_a<T>(s, kk, a);
-      warp_mma_a_in_registers<1, kDTiles, true>(acc, a, v_tile, kPitch,
+      warp_mma_a_in_registers<1, kDTiles, true>(acc, a, v_warp, tile,
                                                 kk * 16);
     }
   }
@@ -398,7 +503,7 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   cp_async_wait<0>();
   __syncthreads();
   constexpr int kScratchPitch = kHeadDim + 1;  // floats; staggers the banks
-  float* o_part = reinterpret_cast<float*>(smem_raw + Traits::kQBytes);
+  float* o_part = reinterpret_cast<float*>(smem_raw);
   float* lse_part = o_part + Traits::kNWarps * 16 * kScratchPitch;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -453,17 +558,21 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
 
 // Merges the splits' float32 partials of one (b, h, s) row per warp into
 // out (T) and lse: lse = log(sum_i exp(lse_i)), out = sum_i exp(lse_i - lse)
-// out_i. Lane l reads the lse of splits l and l + 32 (one round of
-// independent loads), the weights come from a warp max and sum, and the
-// partial rows are then read four splits at a time, none waiting on
-// another. A split that saw nothing has lse -inf and weight 0 (its out is
-// 0, never NaN: flash_decode_kernel writes zeros there). This kernel is
-// latency-bound: a row's loads in flight together are what it costs.
+// out_i. The kernel is latency-bound, so each lane issues all its loads in
+// one round before it uses any: the lse of splits l and l + 32, and its
+// kHeadDim / 32 columns of the first kSplitsAtOnce splits' partial rows
+// (any further splits follow kSplitsAtOnce at a time). The weights then
+// come from a warp max and sum. A split that saw nothing has lse -inf and
+// weight 0 (its out is 0, never NaN: flash_decode_kernel writes zeros
+// there). Launched as a programmatic dependent of the split kernel on
+// sm_90: its CTAs start while that grid runs and wait for it here.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128)
 flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;  // output columns of one lane
-  static_assert(kPerLane % 2 == 0, "columns in pairs");
+  constexpr int kVec = kPerLane % 4 == 0 ? 4 : 2;  // floats per load
+  constexpr int kSplitsAtOnce = kPerLane <= 4 ? 16 : 8;
+  static_assert(kPerLane % kVec == 0, "columns in whole vectors");
   static_assert(kDecodeMaxSplits == 64, "two lse per lane");
   const int64_t rows =
       static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q;
@@ -474,12 +583,38 @@ flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
   const int h = static_cast<int>((row / p.seqlen_q) % p.num_heads);
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.seqlen_q) *
                                         p.num_heads));
+  const float* part = p.partial_out + row * kHeadDim + lane * kPerLane;
+  const int64_t split_stride = rows * kHeadDim;
+  // Loads this lane's columns of splits [first, first + kSplitsAtOnce).
+  auto load = [&](int first, float (&x)[kSplitsAtOnce][kPerLane]) {
+#pragma unroll
+    for (int i = 0; i < kSplitsAtOnce; ++i) {
+      const bool live = first + i < p.num_splits;
+      const float* src = part + (live ? (first + i) * split_stride : 0);
+#pragma unroll
+      for (int e = 0; e < kPerLane; e += kVec) {
+        if constexpr (kVec == 4) {
+          const float4 v = live ? *reinterpret_cast<const float4*>(src + e)
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+          x[i][e] = v.x, x[i][e + 1] = v.y, x[i][e + 2] = v.z,
+          x[i][e + 3] = v.w;
+        } else {
+          const float2 v = live ? *reinterpret_cast<const float2*>(src + e)
+                                : make_float2(0.f, 0.f);
+          x[i][e] = v.x, x[i][e + 1] = v.y;
+        }
+      }
+    }
+  };
 
+  wait_for_prior_grids();  // the split kernel's partials
   const float lse_lo =
       lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
   const float lse_hi = lane + 32 < p.num_splits
                            ? p.partial_lse[(lane + 32) * rows + row]
                            : -INFINITY;
+  float x[kSplitsAtOnce][kPerLane];
+  load(0, x);
   float m = fmaxf(lse_lo, lse_hi);
 #pragma unroll
   for (int delta = 16; delta > 0; delta /= 2) {
@@ -497,17 +632,15 @@ flash_decode_combine_kernel(const __grid_constant__ DecodeParams p) {
     for (int delta = 16; delta > 0; delta /= 2) {
       total += __shfl_xor_sync(0xffffffffu, total, delta);
     }
-    const float* part = p.partial_out + row * kHeadDim + lane * kPerLane;
-#pragma unroll 4
-    for (int i = 0; i < p.num_splits; ++i) {
-      const float weight =
-          __shfl_sync(0xffffffffu, i < 32 ? w_lo : w_hi, i % 32);
-      const float* split_part = part + i * rows * kHeadDim;
+    for (int first = 0; first < p.num_splits; first += kSplitsAtOnce) {
+      if (first > 0) load(first, x);
 #pragma unroll
-      for (int e = 0; e < kPerLane; e += 2) {
-        const float2 x = *reinterpret_cast<const float2*>(split_part + e);
-        o[e] += weight * x.x;
-        o[e + 1] += weight * x.y;
+      for (int i = 0; i < kSplitsAtOnce; ++i) {
+        const int split = first + i;  // < 64; past num_splits x is 0
+        const float weight =
+            __shfl_sync(0xffffffffu, split < 32 ? w_lo : w_hi, split % 32);
+#pragma unroll
+        for (int e = 0; e < kPerLane; ++e) o[e] += weight * x[i][e];
       }
     }
 #pragma unroll

@@ -18,10 +18,16 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using Traits = DecodeTraits<T, kHeadDim, kKeyWarps>;
   constexpr int kSmem = Traits::kSmemBytes;
   if (kSmem > p.max_smem_per_block) return kSmem;
-  // Bulk copies for a paged cache (on sm_90; the same code as cp.async on
-  // sm_80): each key row is its own copy there anyway.
-  auto kernel = p.block_table != nullptr ? &flash_decode_kernel<Traits, true>
-                                         : &flash_decode_kernel<Traits, false>;
+  // On sm_90 the copy engine: bulk copies of single rows for a paged cache
+  // (each row has its own address there anyway), tensor copies of whole
+  // tiles for a contiguous one whose tensor maps the handler could encode;
+  // cp.async otherwise (and in device code built for sm_80).
+  auto kernel =
+      p.block_table != nullptr
+          ? &flash_decode_kernel<Traits, DecodeLoads::kBulkRows>
+          : p.use_tensor_maps
+                ? &flash_decode_kernel<Traits, DecodeLoads::kTensorTiles>
+                : &flash_decode_kernel<Traits, DecodeLoads::kCpAsync>;
   // Above 48 KB of dynamic shared memory a kernel must opt in; the
   // attribute is per device, so it is set at every launch.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -33,8 +39,20 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_splits > 1) {
     const int64_t out_rows =
         static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q;
-    flash_decode_combine_kernel<T, kHeadDim>
-        <<<static_cast<unsigned>((out_rows + 3) / 4), 128, 0, stream>>>(p);
+    // On sm_90 the combine is a programmatic dependent of the split kernel:
+    // its CTAs launch while the split kernel's last CTAs run and wait in
+    // griddepcontrol.wait, so the gap between the kernels closes.
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>((out_rows + 3) / 4));
+    config.blockDim = dim3(128);
+    config.dynamicSmemBytes = 0;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = p.arch >= 90 ? 1 : 0;
+    cudaLaunchKernelEx(&config, &flash_decode_combine_kernel<T, kHeadDim>, p);
   }
   return 0;
 }

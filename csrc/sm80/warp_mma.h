@@ -26,15 +26,46 @@ struct LdmatrixLane {
   }
 };
 
+// Where element (row, col) of a shared-memory tile lies, in elements from
+// the tile's origin, for the two layouts the kernels use. `col` is a
+// multiple of 8 wherever ldmatrix addresses a row (16 bytes).
+//
+// PitchedTile: rows `pitch` elements apart (the sm80 kernels pad the pitch
+// by 16 bytes so that the 8 rows of an ldmatrix hit different banks).
+struct PitchedTile {
+  int pitch;
+  __host__ __device__ __forceinline__ int offset(int row, int col) const {
+    return row * pitch + col;
+  }
+};
+
+// Swizzled128Tile: the layout a TMA copy with 128-byte swizzling writes
+// from a box of kRows rows x 64 columns per 128-byte chunk of the row: the
+// columns in blocks of 64 (one kRows x 128-byte block after another), and
+// inside a block the 16-byte piece c of row r at position c ^ (r % 8). The
+// 8 rows of an ldmatrix thus hit 8 different bank groups without padding.
+// The tile must start 1024-byte aligned (the swizzle follows the address).
+template <int kRows, int kElementBytes = 2>
+struct Swizzled128Tile {
+  static constexpr int kBlockCols = 128 / kElementBytes;  // 64 for 16-bit
+  static constexpr int kPieceCols = 16 / kElementBytes;   // 8
+  __host__ __device__ __forceinline__ int offset(int row, int col) const {
+    const int block = col / kBlockCols;
+    const int piece = (col % kBlockCols) / kPieceCols;
+    return (block * kRows + row) * kBlockCols +
+           ((piece ^ (row % 8)) * kPieceCols) + col % kPieceCols;
+  }
+};
+
 // acc (kM16*16 x kN8*8) += A (kM16*16 x 16) * B (16 x kN8*8) for one warp,
 // the A fragments already in registers (e.g. probabilities computed there)
-// and B rows [k, k + 16) of a shared-memory tile at `b` (row stride `ldb`
-// elements), stored [n][k] (the transpose of B, as K is for S = Q K^T) or,
-// with kBStoredKN, [k][n].
-template <int kM16, int kN8, bool kBStoredKN, typename T>
+// and B rows [k, k + 16) of a shared-memory tile at `b` laid out as `tile`
+// says, stored [n][k] (the transpose of B, as K is for S = Q K^T) or, with
+// kBStoredKN, [k][n].
+template <int kM16, int kN8, bool kBStoredKN, typename T, typename Tile>
 __device__ __forceinline__ void warp_mma_a_in_registers(
     float (&acc)[kM16][kN8][4], const uint32_t (&fa)[kM16][4], const T* b,
-    int ldb, int k) {
+    Tile tile, int k) {
   static_assert(kN8 % 2 == 0, "B fragments are loaded two n8 tiles at once");
   const LdmatrixLane l = LdmatrixLane::make();
 #pragma unroll
@@ -42,8 +73,8 @@ __device__ __forceinline__ void warp_mma_a_in_registers(
     // Registers: (tile nj, k0-7), (nj, k8-15), (nj+1, k0-7), (nj+1, k8-15).
     uint32_t fb[4];
     const T* p = kBStoredKN
-        ? b + (k + l.row_a) * ldb + nj * 8 + l.col_a
-        : b + (nj * 8 + l.row_b) * ldb + k + l.col_b;
+        ? b + tile.offset(k + l.row_a, nj * 8 + l.col_a)
+        : b + tile.offset(nj * 8 + l.row_b, k + l.col_b);
     if constexpr (kBStoredKN) {
       ldmatrix_x4_trans(fb, smem_addr(p));
     } else {
@@ -57,16 +88,26 @@ __device__ __forceinline__ void warp_mma_a_in_registers(
   }
 }
 
+// The same for a tile with rows `ldb` elements apart.
+template <int kM16, int kN8, bool kBStoredKN, typename T>
+__device__ __forceinline__ void warp_mma_a_in_registers(
+    float (&acc)[kM16][kN8][4], const uint32_t (&fa)[kM16][4], const T* b,
+    int ldb, int k) {
+  warp_mma_a_in_registers<kM16, kN8, kBStoredKN>(acc, fa, b,
+                                                 PitchedTile{ldb}, k);
+}
+
 // acc (kM16*16 x kN8*8) += A (kM16*16 x kK) * B (kK x kN8*8), for one warp.
-// `a` and `b` point at the warp's operand origin in shared memory; `lda` and
-// `ldb` are row strides in elements. A is stored [m][k] or, with kAStoredKM,
-// [k][m] (A is the transpose of the stored tile); B as in
+// `a` and `b` point at the warp's operand origin in shared memory; `lda` is
+// A's row stride in elements, `b_tile` B's layout (a PitchedTile, or a
+// Swizzled128Tile whose origin is `b`). A is stored [m][k] or, with
+// kAStoredKM, [k][m] (A is the transpose of the stored tile); B as in
 // warp_mma_a_in_registers.
 template <int kM16, int kN8, int kK, bool kAStoredKM, bool kBStoredKN,
-          typename T>
+          typename T, typename BTile>
 __device__ __forceinline__ void warp_mma(float (&acc)[kM16][kN8][4],
                                          const T* a, int lda, const T* b,
-                                         int ldb) {
+                                         BTile b_tile) {
   static_assert(kK % 16 == 0, "the reduction runs in steps of 16");
   const LdmatrixLane l = LdmatrixLane::make();
 #pragma unroll
@@ -85,8 +126,18 @@ __device__ __forceinline__ void warp_mma(float (&acc)[kM16][kN8][4],
         ldmatrix_x4(fa[mi], smem_addr(p));
       }
     }
-    warp_mma_a_in_registers<kM16, kN8, kBStoredKN>(acc, fa, b, ldb, k);
+    warp_mma_a_in_registers<kM16, kN8, kBStoredKN>(acc, fa, b, b_tile, k);
   }
+}
+
+// The same with B's rows `ldb` elements apart.
+template <int kM16, int kN8, int kK, bool kAStoredKM, bool kBStoredKN,
+          typename T>
+__device__ __forceinline__ void warp_mma(float (&acc)[kM16][kN8][4],
+                                         const T* a, int lda, const T* b,
+                                         int ldb) {
+  warp_mma<kM16, kN8, kK, kAStoredKM, kBStoredKN>(acc, a, lda, b,
+                                                  PitchedTile{ldb});
 }
 
 // The A fragments of k16 step kk of P (kM16*16 x kN8*8) from its accumulator
