@@ -41,7 +41,19 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
         static_cast<int64_t>(p.batch) * p.num_heads * p.seqlen_q;
     // On sm_90 the combine is a programmatic dependent of the split kernel:
     // its CTAs launch while the split kernel's last CTAs run and wait in
-    // griddepcontrol.wait, so the gap between the kernels closes.
+    // griddepcontrol.wait, so the gap between the kernels closes. Only
+    // where both were compiled for sm_90 (a library built for sm_80 alone
+    // runs their PTX there, without the griddepcontrol instructions).
+    auto combine = &flash_decode_combine_kernel<T, kHeadDim>;
+    static const bool has_griddepcontrol = [&] {
+      cudaFuncAttributes split_attributes{}, combine_attributes{};
+      return cudaFuncGetAttributes(&split_attributes, kernel) ==
+                 cudaSuccess &&
+             cudaFuncGetAttributes(&combine_attributes, combine) ==
+                 cudaSuccess &&
+             split_attributes.ptxVersion >= 90 &&
+             combine_attributes.ptxVersion >= 90;
+    }();
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -51,8 +63,8 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
     config.dynamicSmemBytes = 0;
     config.stream = stream;
     config.attrs = &attribute;
-    config.numAttrs = p.arch >= 90 ? 1 : 0;
-    cudaLaunchKernelEx(&config, &flash_decode_combine_kernel<T, kHeadDim>, p);
+    config.numAttrs = p.arch >= 90 && has_griddepcontrol ? 1 : 0;
+    cudaLaunchKernelEx(&config, combine, p);
   }
   return 0;
 }
