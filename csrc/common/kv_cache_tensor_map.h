@@ -1,15 +1,17 @@
-// Tensor maps (TMA descriptors) of a contiguous K/V cache for the decoding
-// kernel's tensor copies on sm_90: one copy brings kDecodeTensorBoxRows
-// keys of one (batch row, K/V head), every column, into shared memory with
-// 128-byte swizzling (the layout Swizzled128Tile in sm80/warp_mma.h reads).
+// Tensor maps (TMA descriptors) of a K/V cache for the decoding kernel's
+// tensor copies on sm_90: a copy brings keys of one K/V head into shared
+// memory with 128-byte swizzling (the layout Swizzled128Tile in
+// sm80/warp_mma.h reads), the columns in blocks of 64 (128 bytes), one
+// kDecodeTensorBoxRows-row block after another.
 //
-// The cache (B, S_max, Hkv, D) is described to the copy engine as five
-// dimensions, innermost first: 64 columns (128 bytes) | S_max keys | D / 64
-// column blocks | Hkv heads | B rows. The box is 64 x kDecodeTensorBoxRows
-// x D / 64 x 1 x 1, so the 64-column blocks land one after another, each
-// kDecodeTensorBoxRows rows of 128 bytes, and the swizzle permutes the
-// 16-byte pieces of each row by the row's index mod 8. Keys past S_max
-// come in as zeros.
+// A contiguous cache (B, S_max, Hkv, D) is described to the copy engine as
+// five dimensions, innermost first: 64 columns | S_max keys | D / 64 column
+// blocks | Hkv heads | B rows, and one copy brings a whole tile (box 64 x
+// kDecodeTensorBoxRows x D / 64 x 1 x 1); keys past S_max come in as
+// zeros. A paged cache (num_blocks, block_size, Hkv, D) is the same with
+// block_size keys and num_blocks in place of S_max and B; blocks of fewer
+// than kDecodeTensorBoxRows keys come in one 64-column block at a time
+// (ffi/decode_tensor_maps.h encodes both).
 #pragma once
 
 #include <cuda.h>

@@ -1,5 +1,5 @@
 // Host side of the decoding kernel's tensor copies: encodes the tensor maps
-// of a contiguous K/V cache (layout in common/kv_cache_tensor_map.h).
+// of a contiguous or paged K/V cache (common/kv_cache_tensor_map.h).
 #pragma once
 
 #include <cuda.h>
@@ -12,16 +12,25 @@
 
 namespace jax_flash {
 
-// Fills p->maps and sets p->use_tensor_maps for the contiguous cache of
-// `p` (16-bit elements, bf16 or fp16) on sm_90 and later; leaves
-// use_tensor_maps false, so that the kernel loads by cp.async, where the
-// copy engine cannot take the cache: a paged cache, a head dim that is not
-// a multiple of 64, addresses or strides that are not multiples of 16
-// bytes, fewer keys than one box, or an encoding the driver refuses.
+// Fills p->maps and sets p->use_tensor_maps for the cache of `p` (16-bit
+// elements, bf16 or fp16) on sm_90 and later; leaves use_tensor_maps false,
+// so that the kernel loads another way, where the copy engine cannot take
+// the cache: a head dim that is not a multiple of 64, a paged cache whose
+// block size is not a power of two, addresses or strides that are not
+// multiples of 16 bytes, fewer keys than one box, or an encoding the driver
+// refuses.
+//
+// Contiguous (B, S_max, Hkv, D): dimensions 64 columns | S_max keys | D / 64
+// column blocks | Hkv | B, box 64 x 64 x D / 64 x 1 x 1 (a whole tile).
+// Paged (num_blocks, block_size, Hkv, D): 64 columns | block_size keys |
+// D / 64 | Hkv | num_blocks, box 64 x 64 x D / 64 for blocks of 64 keys or
+// more, else 64 x block_size x 1 (a block's keys, 64 columns at a time).
 inline void make_kv_cache_tensor_maps(DecodeParams* p, bool is_bf16) {
   p->use_tensor_maps = false;
-  if (p->arch < 90 || p->block_table != nullptr) return;
-  if (p->head_dim % 64 != 0 || p->capacity < kDecodeTensorBoxRows) return;
+  if (p->arch < 90 || p->head_dim % 64 != 0) return;
+  const bool paged = p->block_table != nullptr;
+  if (paged && (p->block_size_log2 < 4 || p->block_size < 16)) return;
+  if (!paged && p->capacity < kDecodeTensorBoxRows) return;
   constexpr int64_t kBytes = 2;
   const int64_t strides[4] = {p->kv_row_stride * kBytes, 128,
                               p->kv_head_stride * kBytes,
@@ -31,15 +40,22 @@ inline void make_kv_cache_tensor_maps(DecodeParams* p, bool is_bf16) {
       return;
     }
   }
-  const cuuint64_t dims[5] = {64, static_cast<cuuint64_t>(p->capacity),
+  const int64_t keys = paged ? p->block_size : p->capacity;
+  const int64_t outer = paged ? p->num_blocks : p->batch;
+  if (outer <= 0) return;
+  const cuuint64_t dims[5] = {64, static_cast<cuuint64_t>(keys),
                               static_cast<cuuint64_t>(p->head_dim / 64),
                               static_cast<cuuint64_t>(p->num_heads_kv),
-                              static_cast<cuuint64_t>(p->batch)};
+                              static_cast<cuuint64_t>(outer)};
   const cuuint64_t byte_strides[4] = {
       static_cast<cuuint64_t>(strides[0]), static_cast<cuuint64_t>(strides[1]),
       static_cast<cuuint64_t>(strides[2]), static_cast<cuuint64_t>(strides[3])};
-  const cuuint32_t box[5] = {64, kDecodeTensorBoxRows,
-                             static_cast<cuuint32_t>(p->head_dim / 64), 1, 1};
+  const bool whole_tiles = !paged || p->block_size >= kDecodeTensorBoxRows;
+  const cuuint32_t box[5] = {
+      64,
+      static_cast<cuuint32_t>(whole_tiles ? kDecodeTensorBoxRows
+                                          : p->block_size),
+      static_cast<cuuint32_t>(whole_tiles ? p->head_dim / 64 : 1), 1, 1};
   const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
   const CUtensorMapDataType type = is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;

@@ -12,12 +12,13 @@
 //   S = Q K^T (mma.sync m16n8k16), logits with softcap/alibi, the masks,
 //   P = exp(S - max), O += P V.
 // On sm_90 the K/V tiles come in through the copy engine instead
-// (DecodeLoads): for a paged cache one `cp.async.bulk` per K row and per V
-// row (a lane each), which read paged caches 4-9% faster than cp.async on
-// the H200 (and contiguous ones 1-6% slower); for a contiguous cache one
-// tensor copy (TMA) per K tile and per V tile, issued by one thread, into a
-// 128-byte-swizzled layout. Either way each stage completes on an mbarrier
-// that counts its bytes.
+// (DecodeLoads), into a 128-byte-swizzled layout: for a contiguous cache one
+// tensor copy (TMA) per K tile and per V tile, issued by one thread; for a
+// paged cache one per block of the tile (and per 64 columns when a block
+// holds fewer than 64 keys), issued by a lane per block. Each stage
+// completes on an mbarrier that counts its bytes. Paged caches whose block
+// size is not a power of two take one `cp.async.bulk` per K row and per V
+// row instead.
 // The warps' (out, lse) are merged through shared memory; with one split
 // that is the result, otherwise a float32 partial per split that
 // flash_decode_combine_kernel merges (the same math as
@@ -148,14 +149,16 @@ __device__ __forceinline__ void store_row(const DecodeParams& p, int split,
   if (d0 == 0) p.partial_lse[row] = lse;
 }
 
-// How a decoding CTA brings its K/V tiles into shared memory. The launcher
-// asks for kBulkRows with a paged cache and kTensorTiles with a contiguous
-// one on sm_90; device code compiled for an earlier arch runs kCpAsync
-// whatever it was asked (the copy engine is sm_90's).
+// How a decoding CTA brings its K/V tiles into shared memory. On sm_90 the
+// launcher asks for the tensor copies where the handler could encode the
+// cache's tensor maps (DecodeParams::use_tensor_maps), else for kBulkRows
+// (paged) or kCpAsync; device code compiled for an earlier arch runs
+// kCpAsync whatever it was asked (the copy engine is sm_90's).
 enum class DecodeLoads {
-  kCpAsync,      // 16-byte cp.async by every thread, padded rows
-  kBulkRows,     // one cp.async.bulk per key row (a lane each), padded rows
-  kTensorTiles,  // one tensor copy per K and per V tile, swizzled rows
+  kCpAsync,       // 16-byte cp.async by every thread, padded rows
+  kBulkRows,      // one cp.async.bulk per key row (a lane each), padded rows
+  kTensorTiles,   // contiguous: one tensor copy per K and per V tile
+  kTensorBlocks,  // paged: tensor copies per block of the tile
 };
 
 // Lets the next kernel on the stream, launched as a programmatic dependent
@@ -199,9 +202,12 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   constexpr DecodeLoads kLoads =
       kHasBulkCopy ? kLoadsAsked : DecodeLoads::kCpAsync;
   constexpr bool kBulk = kLoads == DecodeLoads::kBulkRows;
-  constexpr bool kTensor = kLoads == DecodeLoads::kTensorTiles;
+  constexpr bool kPagedTensor = kLoads == DecodeLoads::kTensorBlocks;
+  constexpr bool kTensor =
+      kLoads == DecodeLoads::kTensorTiles || kPagedTensor;
   // Each stage's mbarrier: completed by the bulk copies of its rows (one
-  // arrival per warp) or by its two tensor copies (one arrival).
+  // arrival per warp) or by its tensor copies (one arrival per issuing
+  // thread: thread 0, or with a paged cache the lane of each block).
   constexpr bool kBarriers = kBulk || kTensor;
   // The combine kernel may start launching now; it waits for this grid.
   allow_dependent_launch();
@@ -225,7 +231,10 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   const AttentionMask mask{p.seqlen_q, len, len - p.seqlen_q, p.window_left,
                            p.window_right, nullptr, nullptr};
   // Keys some query sees, then this split's share of them (whole tiles).
-  const int visible_lo = mask.key_begin(0);
+  // The first is rounded down to a tile (its keys before the window are
+  // masked), so that tiles start on block boundaries of a paged cache and
+  // every load mode splits the keys alike.
+  const int visible_lo = mask.key_begin(0) / kBlockN * kBlockN;
   const int visible_hi = mask.key_end(p.seqlen_q);
   const int span = max(visible_hi - visible_lo, 0);
   const int per_split =
@@ -347,11 +356,59 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
                                  0, n0, 0, kv_h, b);
   };
 
+  // A paged cache by tensor copies: lane c of warp 0 copies the keys
+  // [n0 + c * copy_rows, + copy_rows) of tile n, which lie in one block
+  // (tiles start on a multiple of kBlockN, block sizes are powers of two),
+  // after flagging in key_ok[stage * kBlockN + c] whether they may be read.
+  // Its block id comes from block_for one tile ahead, so that the table's
+  // latency stays off the issuing warp's path. Blocks of fewer than kBlockN
+  // keys come in 64 columns at a time (the tensor map's box is copy_rows x
+  // 64 then), so that each lands in the swizzled tile's column blocks.
+  const int copy_rows = kPagedTensor ? min(p.block_size, kBlockN) : kBlockN;
+  const int copy_log2 = kPagedTensor ? min(p.block_size_log2, 6) : 6;
+  const int copies = kBlockN / copy_rows;
+  static_assert(kBlockN == 64, "copy_log2 is that of kBlockN at most");
+  auto block_for = [&](int n) {  // -1: nothing of it may be read
+    const int key = key_lo + n * kBlockN + tid * copy_rows;
+    if (n >= num_tiles || key >= key_hi) return -1;
+    const int block = __ldg(p.block_table +
+                            static_cast<int64_t>(b) * p.max_blocks +
+                            (key >> p.block_size_log2));
+    return block >= 0 && block < p.num_blocks ? block : -1;
+  };
+  auto load_kv_blocks = [&](int n, int stage, int block) {
+    const int key = key_lo + n * kBlockN + tid * copy_rows;
+    const bool ok = block >= 0;
+    key_ok[stage * kBlockN + tid] = ok;
+    StageBarrier::arrive_and_expect_tx(
+        &full[stage],
+        ok ? 2u * copy_rows * kHeadDim * static_cast<uint32_t>(sizeof(T))
+           : 0u);
+    if (!ok) return;
+    constexpr uint64_t kEvictFirst =
+        static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_FIRST);
+    const int slot = key & (p.block_size - 1);
+    unsigned char* k_dst =
+        smem_raw + stage * Traits::kTileBytes + tid * copy_rows * 128;
+    const int column_blocks = copy_rows == kBlockN ? 1 : kHeadDim / 64;
+    for (int cb = 0; cb < column_blocks; ++cb) {
+      unsigned char* dst = k_dst + cb * kBlockN * 128;
+      cute::SM90_TMA_LOAD_5D::copy(&p.maps.k, &full[stage], kEvictFirst, dst,
+                                   0, slot, cb, kv_h, block);
+      cute::SM90_TMA_LOAD_5D::copy(&p.maps.v, &full[stage], kEvictFirst,
+                                   dst + kStages * Traits::kTileBytes, 0,
+                                   slot, cb, kv_h, block);
+    }
+  };
+  int pending_block = -1;  // paged: this lane's block of the next tile
+
   if constexpr (kBarriers) {
     if (tid == 0) {
+      const int arrivals =
+          kPagedTensor ? copies : kTensor ? 1 : Traits::kNWarps;
 #pragma unroll
       for (int s = 0; s < kStages; ++s) {
-        StageBarrier::init(&full[s], kTensor ? 1 : Traits::kNWarps);
+        StageBarrier::init(&full[s], arrivals);
       }
       cutlass::arch::fence_barrier_init();
     }
@@ -359,12 +416,17 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < num_tiles) {
-        if constexpr (kTensor) {
+        if constexpr (kPagedTensor) {
+          if (tid < copies) load_kv_blocks(s, s, block_for(s));
+        } else if constexpr (kTensor) {
           if (tid == 0) load_kv_tensor(s, s);
         } else {
           load_kv_bulk(s, s);
         }
       }
+    }
+    if constexpr (kPagedTensor) {
+      if (tid < copies) pending_block = block_for(kStages - 1);
     }
     cp_async_commit();  // Q
     cp_async_wait<0>();  // the loop's first barrier publishes it
@@ -408,23 +470,45 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     const int next = n + kStages - 1;
     if constexpr (kTensor) {
       StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
-      // A partial last tile: its V rows from key_hi on hold whatever the
-      // cache holds there (perhaps not finite, and 0 * inf is NaN), so
-      // they are zeroed before any warp reads them. Only the tile holding
-      // key_hi, once per CTA.
+      // V rows that were not copied, or hold what the cache holds past the
+      // split's keys (perhaps not finite, and 0 * inf is NaN), are zeroed
+      // before any warp reads them: the rows from key_hi on in the last
+      // tile, and with a paged cache the rows of blocks that may not be
+      // read (stale or never written shared memory otherwise).
       const int n0 = key_lo + n * kBlockN;
-      if (n0 + kBlockN > key_hi) {
+      const int first = min(key_hi - n0, kBlockN);  // rows [first, kBlockN)
+      bool skipped = false;
+      if constexpr (kPagedTensor) {
+        for (int c = 0; c < copies; ++c) {
+          skipped |= key_ok[stage * kBlockN + c] == 0;
+        }
+      }
+      if (first < kBlockN || skipped) {
         uint4* v_rows = reinterpret_cast<uint4*>(
             smem_raw + (kStages + stage) * Traits::kTileBytes);
-        const int first = key_hi - n0;  // rows [first, kBlockN) of each block
         constexpr int kBlocks = kHeadDim / 64;  // 128-byte rows per key
         for (int c = tid; c < kBlocks * kBlockN * 8; c += kNThreads) {
           const int row = (c / 8) % kBlockN;
-          if (row >= first) v_rows[c] = make_uint4(0, 0, 0, 0);
+          bool clear = row >= first;
+          if constexpr (kPagedTensor) {
+            clear |= key_ok[stage * kBlockN + (row >> copy_log2)] == 0;
+          }
+          if (clear) v_rows[c] = make_uint4(0, 0, 0, 0);
         }
+        // Ordered before the tensor copy that next fills this stage.
+        fence_shared_for_bulk_copy();
       }
       __syncthreads();  // tile n ready, every warp done with tile n - 1
-      if (next < num_tiles && tid == 0) load_kv_tensor(next, next % kStages);
+      if constexpr (kPagedTensor) {
+        if (next < num_tiles && tid < copies) {
+          load_kv_blocks(next, next % kStages, pending_block);
+          pending_block = block_for(next + 1);
+        }
+      } else {
+        if (next < num_tiles && tid == 0) {
+          load_kv_tensor(next, next % kStages);
+        }
+      }
     } else if constexpr (kBulk) {
       StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
       __syncthreads();  // and every warp is done with tile n - 1
@@ -474,9 +558,18 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
           float x = s[0][nt][2 * r + e] * p.softmax_scale;
           if (softcap.enabled()) x = softcap(x);
           x -= slope[r] * fabsf(static_cast<float>(query_pos - j));
-          // Readable: flagged by the loads, or for tensor copies (a
-          // contiguous cache) simply inside the split.
-          const bool readable = kTensor ? j < key_hi : ok_tile[jj] != 0;
+          // Readable: flagged by the loads, or for tensor copies inside the
+          // split (and with a paged cache in a block that may be read).
+          bool readable;
+          if constexpr (kPagedTensor) {
+            readable = j < key_hi &&
+                       key_ok[stage * kBlockN +
+                              ((warp_key_row + jj) >> copy_log2)] != 0;
+          } else if constexpr (kTensor) {
+            readable = j < key_hi;
+          } else {
+            readable = ok_tile[jj] != 0;
+          }
           const bool visible = row.sees(j) && readable;
           s[0][nt][2 * r + e] = visible ? x : -INFINITY;
         }

@@ -18,16 +18,18 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
   using Traits = DecodeTraits<T, kHeadDim, kKeyWarps>;
   constexpr int kSmem = Traits::kSmemBytes;
   if (kSmem > p.max_smem_per_block) return kSmem;
-  // On sm_90 the copy engine: bulk copies of single rows for a paged cache
-  // (each row has its own address there anyway), tensor copies of whole
-  // tiles for a contiguous one whose tensor maps the handler could encode;
-  // cp.async otherwise (and in device code built for sm_80).
+  // On sm_90 the copy engine: tensor copies where the handler could encode
+  // the cache's tensor maps (of whole tiles for a contiguous cache, of
+  // blocks for a paged one), else bulk copies of single rows for a paged
+  // cache (each row has its own address there anyway); cp.async otherwise
+  // (and in device code built for sm_80).
+  const bool paged = p.block_table != nullptr;
   auto kernel =
-      p.block_table != nullptr
-          ? &flash_decode_kernel<Traits, DecodeLoads::kBulkRows>
-          : p.use_tensor_maps
-                ? &flash_decode_kernel<Traits, DecodeLoads::kTensorTiles>
-                : &flash_decode_kernel<Traits, DecodeLoads::kCpAsync>;
+      p.use_tensor_maps
+          ? (paged ? &flash_decode_kernel<Traits, DecodeLoads::kTensorBlocks>
+                   : &flash_decode_kernel<Traits, DecodeLoads::kTensorTiles>)
+          : (paged ? &flash_decode_kernel<Traits, DecodeLoads::kBulkRows>
+                   : &flash_decode_kernel<Traits, DecodeLoads::kCpAsync>);
   // Above 48 KB of dynamic shared memory a kernel must opt in; the
   // attribute is per device, so it is set at every launch.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
