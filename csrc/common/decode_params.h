@@ -66,9 +66,9 @@ struct DecodeParams {
   float* partial_out = nullptr;  // (num_splits, B, H, Sq, D) float32
   float* partial_lse = nullptr;  // (num_splits, B, H, Sq) float32
 
-  // Tensor maps of a contiguous cache (sm_90): set, with use_tensor_maps,
-  // by make_kv_cache_tensor_maps (ffi/decode_tensor_maps.h) where the cache
-  // meets the copy engine's rules; the kernel then loads K/V tiles by TMA.
+  // Tensor maps of the cache (sm_90): set, with use_tensor_maps, by
+  // make_kv_cache_tensor_maps (ffi/decode_tensor_maps.h) where the cache
+  // meets the copy engine's rules; the kernel then loads K/V by TMA.
   bool use_tensor_maps = false;
   KvCacheTensorMaps maps;
 

@@ -29,7 +29,8 @@ inline void make_kv_cache_tensor_maps(DecodeParams* p, bool is_bf16) {
   p->use_tensor_maps = false;
   if (p->arch < 90 || p->head_dim % 64 != 0) return;
   const bool paged = p->block_table != nullptr;
-  if (paged && (p->block_size_log2 < 4 || p->block_size < 16)) return;
+  // block_size_log2 is -1 for a block size that is not a power of two.
+  if (paged && p->block_size_log2 < 4) return;
   if (!paged && p->capacity < kDecodeTensorBoxRows) return;
   constexpr int64_t kBytes = 2;
   const int64_t strides[4] = {p->kv_row_stride * kBytes, 128,

@@ -337,38 +337,26 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     }
   };
 
-  // The same by two tensor copies from thread 0: keys [n0, n0 + kBlockN)
-  // of K and of V, all columns, into stage `stage` in the swizzled layout.
-  // Keys past the cache's capacity come in as zeros; keys in [key_hi,
-  // capacity) come in as stored and are masked (their V rows are zeroed
-  // before use, see below). K/V are read once: evict them from L2 first.
-  auto load_kv_tensor = [&](int n, int stage) {
-    const int n0 = key_lo + n * kBlockN;
-    StageBarrier::arrive_and_expect_tx(&full[stage],
-                                       2 * Traits::kDenseTileBytes);
-    constexpr uint64_t kEvictFirst =
-        static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_FIRST);
-    unsigned char* k_dst = smem_raw + stage * Traits::kTileBytes;
-    unsigned char* v_dst = k_dst + kStages * Traits::kTileBytes;
-    cute::SM90_TMA_LOAD_5D::copy(&p.maps.k, &full[stage], kEvictFirst, k_dst,
-                                 0, n0, 0, kv_h, b);
-    cute::SM90_TMA_LOAD_5D::copy(&p.maps.v, &full[stage], kEvictFirst, v_dst,
-                                 0, n0, 0, kv_h, b);
-  };
-
-  // A paged cache by tensor copies: lane c of warp 0 copies the keys
-  // [n0 + c * copy_rows, + copy_rows) of tile n, which lie in one block
-  // (tiles start on a multiple of kBlockN, block sizes are powers of two),
-  // after flagging in key_ok[stage * kBlockN + c] whether they may be read.
-  // Its block id comes from block_for one tile ahead, so that the table's
-  // latency stays off the issuing warp's path. Blocks of fewer than kBlockN
-  // keys come in 64 columns at a time (the tensor map's box is copy_rows x
-  // 64 then), so that each lands in the swizzled tile's column blocks.
+  // The same by tensor copies into the swizzled layout, from thread 0 for
+  // a contiguous cache (copies = 1: the whole tile, every column) and from
+  // lane c of warp 0 for a paged one: keys [n0 + c * copy_rows, +
+  // copy_rows) of tile n, which lie in one block (tiles start on a multiple
+  // of kBlockN, block sizes are powers of two), flagged in key_ok[stage *
+  // kBlockN + c] as readable or not. `outer` is the cache's outermost
+  // coordinate, the batch row or the block id (-1: nothing may be read);
+  // with a paged cache block_for fetches it one tile ahead, so that the
+  // table's latency stays off the issuing warp's path. Blocks of fewer than
+  // kBlockN keys come in 64 columns at a time (the tensor map's box is
+  // copy_rows x 64 then), so that each lands in the tile's column blocks.
+  // Keys past a contiguous cache's capacity come in as zeros; keys in
+  // [key_hi, capacity) come in as stored and are masked (their V rows are
+  // zeroed before use, see below). K/V are read once: evict them from L2
+  // first.
   const int copy_rows = kPagedTensor ? min(p.block_size, kBlockN) : kBlockN;
   const int copy_log2 = kPagedTensor ? min(p.block_size_log2, 6) : 6;
   const int copies = kBlockN / copy_rows;
   static_assert(kBlockN == 64, "copy_log2 is that of kBlockN at most");
-  auto block_for = [&](int n) {  // -1: nothing of it may be read
+  auto block_for = [&](int n) {
     const int key = key_lo + n * kBlockN + tid * copy_rows;
     if (n >= num_tiles || key >= key_hi) return -1;
     const int block = __ldg(p.block_table +
@@ -376,10 +364,10 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
                             (key >> p.block_size_log2));
     return block >= 0 && block < p.num_blocks ? block : -1;
   };
-  auto load_kv_blocks = [&](int n, int stage, int block) {
+  auto load_kv_tensor = [&](int n, int stage, int outer) {
     const int key = key_lo + n * kBlockN + tid * copy_rows;
-    const bool ok = block >= 0;
-    key_ok[stage * kBlockN + tid] = ok;
+    const bool ok = outer >= 0;
+    if constexpr (kPagedTensor) key_ok[stage * kBlockN + tid] = ok;
     StageBarrier::arrive_and_expect_tx(
         &full[stage],
         ok ? 2u * copy_rows * kHeadDim * static_cast<uint32_t>(sizeof(T))
@@ -387,17 +375,17 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     if (!ok) return;
     constexpr uint64_t kEvictFirst =
         static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_FIRST);
-    const int slot = key & (p.block_size - 1);
+    const int row = kPagedTensor ? key & (p.block_size - 1) : key;
     unsigned char* k_dst =
         smem_raw + stage * Traits::kTileBytes + tid * copy_rows * 128;
     const int column_blocks = copy_rows == kBlockN ? 1 : kHeadDim / 64;
     for (int cb = 0; cb < column_blocks; ++cb) {
       unsigned char* dst = k_dst + cb * kBlockN * 128;
       cute::SM90_TMA_LOAD_5D::copy(&p.maps.k, &full[stage], kEvictFirst, dst,
-                                   0, slot, cb, kv_h, block);
+                                   0, row, cb, kv_h, outer);
       cute::SM90_TMA_LOAD_5D::copy(&p.maps.v, &full[stage], kEvictFirst,
-                                   dst + kStages * Traits::kTileBytes, 0,
-                                   slot, cb, kv_h, block);
+                                   dst + kStages * Traits::kTileBytes, 0, row,
+                                   cb, kv_h, outer);
     }
   };
   int pending_block = -1;  // paged: this lane's block of the next tile
@@ -417,9 +405,9 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     for (int s = 0; s < kStages - 1; ++s) {
       if (s < num_tiles) {
         if constexpr (kPagedTensor) {
-          if (tid < copies) load_kv_blocks(s, s, block_for(s));
+          if (tid < copies) load_kv_tensor(s, s, block_for(s));
         } else if constexpr (kTensor) {
-          if (tid == 0) load_kv_tensor(s, s);
+          if (tid == 0) load_kv_tensor(s, s, b);
         } else {
           load_kv_bulk(s, s);
         }
@@ -501,12 +489,12 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
       __syncthreads();  // tile n ready, every warp done with tile n - 1
       if constexpr (kPagedTensor) {
         if (next < num_tiles && tid < copies) {
-          load_kv_blocks(next, next % kStages, pending_block);
+          load_kv_tensor(next, next % kStages, pending_block);
           pending_block = block_for(next + 1);
         }
       } else {
         if (next < num_tiles && tid == 0) {
-          load_kv_tensor(next, next % kStages);
+          load_kv_tensor(next, next % kStages, b);
         }
       }
     } else if constexpr (kBulk) {

@@ -44,17 +44,14 @@ int launch_decode(const DecodeParams& p, cudaStream_t stream) {
     // On sm_90 the combine is a programmatic dependent of the split kernel:
     // its CTAs launch while the split kernel's last CTAs run and wait in
     // griddepcontrol.wait, so the gap between the kernels closes. Only
-    // where both were compiled for sm_90 (a library built for sm_80 alone
-    // runs their PTX there, without the griddepcontrol instructions).
+    // where they were compiled for sm_90 (a library built for sm_80 alone
+    // runs their PTX there, without the griddepcontrol instructions); both
+    // come from this translation unit, so the combine's version tells.
     auto combine = &flash_decode_combine_kernel<T, kHeadDim>;
-    static const bool has_griddepcontrol = [&] {
-      cudaFuncAttributes split_attributes{}, combine_attributes{};
-      return cudaFuncGetAttributes(&split_attributes, kernel) ==
-                 cudaSuccess &&
-             cudaFuncGetAttributes(&combine_attributes, combine) ==
-                 cudaSuccess &&
-             split_attributes.ptxVersion >= 90 &&
-             combine_attributes.ptxVersion >= 90;
+    static const bool has_griddepcontrol = [combine] {
+      cudaFuncAttributes attributes{};
+      return cudaFuncGetAttributes(&attributes, combine) == cudaSuccess &&
+             attributes.ptxVersion >= 90;
     }();
     cudaLaunchAttribute attribute;
     attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
