@@ -398,9 +398,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     // Software pipeline over the K/V tiles, from the last one down (tile n
     // follows tile n + 1): while the softmax of S(n) runs on the CUDA
     // cores, the tensor cores compute O += P(n + 1) V(n + 1). Per step:
-    //   issue S(n) = Q K(n)^T, then O += P(n + 1) V(n + 1);
+    //   issue S(n) = Q K(n)^T; rescale O by the max's growth at S(n + 1)
+    //   (under the S GEMM); issue O += P(n + 1) V(n + 1);
     //   wait for S(n); softmax of S(n) (overlapping the P V product);
-    //   wait for O; rescale O by the max's growth; P(n) = bf16(S(n)).
+    //   wait for O; P(n) = bf16(S(n)).
     clear(tOrO);
     softmax.init();
     {
@@ -421,7 +422,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       } else {
         mask_and_modify(s_rc, n_hi, Unmasked{});
       }
-      softmax.update(s_rc, scale_log2, rescale);  // O is 0: no rescale
+      // O is 0: the rescale (0 or 1) that the next P V product applies
+      // leaves it 0.
+      softmax.update(s_rc, scale_log2, rescale);
       convert_p(tSrS);
     }
     typename Pipeline::PipelineState read_v = read;  // V tile of P in hand
@@ -435,6 +438,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       turns.wait_turn();
       warpgroup_gemm_issue<true, false>(mma_s, tSrQ(_, _, _, qs),
                                         tSrK(_, _, _, read.index()), tSrS);
+      // O takes the last softmax's rescale while the tensor cores compute
+      // S(n), just before the P V product that accumulates into it.
+      RowSoftmax<kRows>::rescale_rows(o_rc, rescale);
       warpgroup_gemm_issue<false, true>(mma_o, tOrP,
                                         tOrV(_, _, _, read_v.index()), tOrO);
       turns.pass_turn();
@@ -449,7 +455,6 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       warpgroup_wait<0>();  // O += P(n + 1) V(n + 1) is in
       warpgroup_fence_operand(tOrO);
       pipeline_v.consumer_release(read_v);
-      RowSoftmax<kRows>::rescale_rows(o_rc, rescale);
       convert_p(tSrS);
       read_v = read;
       ++read;
@@ -464,6 +469,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     // O += P(n_lo) V(n_lo)
     pipeline_v.consumer_wait(read_v);
     turns.wait_turn();
+    RowSoftmax<kRows>::rescale_rows(o_rc, rescale);
     warpgroup_gemm_issue<false, true>(mma_o, tOrP,
                                       tOrV(_, _, _, read_v.index()), tOrO);
     turns.pass_turn();

@@ -95,9 +95,13 @@ def main() -> None:
       ("alibi+segments d256 deterministic", 256,
        AttentionConfig(0.0625, deterministic=True),
        segments._replace(alibi_slopes=alibi.alibi_slopes)),
+      # No mask but lengths: the sm90 forward's unmasked variants (176-key
+      # tiles at D = 128, 80-key tiles at D = 256).
+      ("lengths d128", 128, AttentionConfig(128 ** -0.5), lengths),
+      ("lengths d256", 256, AttentionConfig(0.0625), lengths),
   ]
   if args.small:
-    cases = [cases[0], cases[1], cases[4], cases[5], cases[6], cases[7]]
+    cases = [cases[i] for i in (0, 1, 4, 5, 6, 7, 8, 9)]
   for name, d, config, masks in cases:
     if not _built(d):
       continue
@@ -111,6 +115,9 @@ def main() -> None:
           AttentionConfig(128 ** -0.5, causal=True),
           MaskArrays(kv_lengths=jnp.asarray([300, 170], jnp.int32)))
     print("ran persistent causal sq>sk d128", flush=True)
+    _case(2, 2, 600, 300, 32, 8, 128, AttentionConfig(128 ** -0.5),
+          MaskArrays(kv_lengths=jnp.asarray([300, 170], jnp.int32)))
+    print("ran persistent unmasked d128", flush=True)
   # Short queries: the decoding kernel's forward (unless
   # JAX_FLASH_DECODE_KERNEL=0), split over the keys, 16 and 64 rows per CTA.
   decode_cases = [
