@@ -342,199 +342,19 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   // The K/V stage of the next S GEMM; runs on across tiles, as the
   // producer's does.
   typename Pipeline::PipelineState read;
-  // The V stage of the last P V product issued.
-  typename Pipeline::PipelineState read_v;
 
-  constexpr bool kOpenNextEarly = Traits::kQStages > 1;
-
-  // Opening a tile: wait for its Q stage, read its index and key range and,
-  // when it sees any key, issue its first S GEMM (in a tensor-core turn of
-  // its own) into s_first. Both consumer warpgroups open the same tiles, so
-  // their turns stay paired. (s_first is declared in the loop body: as a
-  // wgmma accumulator it is an in/out operand, so declared outside it would
-  // stay live through the whole loop.)
-  struct OpenTile {
-    int tile;  // work tile index, or kNoTile
-    FwdTile w;
-    int m0;
-    AttentionMask mask;
-    int key_lo, key_hi;  // keys some query of the tile sees
-    __device__ __forceinline__ bool has_keys() const {
-      return tile != kNoTile && key_lo < key_hi;
-    }
-  };
-  auto open_tile = [&](int it, auto& s_first) __attribute__((always_inline)) {
+  for (int it = 0;; ++it) {
     const int qs = it % Traits::kQStages;
     smem.q_full[qs].wait((it / Traits::kQStages) & 1);
-    OpenTile t;
-    t.tile = smem.tile[qs];
-    t.key_lo = t.key_hi = 0;
-    if (t.tile != kNoTile) {
-      t.w = FwdTile::make(t.tile, num_m_blocks, p.num_heads, p.batch,
-                          section_rows);
-      t.m0 = t.w.m_block * kBlockM;
-      t.mask = AttentionMask::make(p, t.w.b);
-      t.key_lo = t.mask.key_begin(t.m0);
-      t.key_hi = t.mask.key_end(t.m0 + kBlockM);
-    }
-    if constexpr (kOpenNextEarly) {
-      // One unconditional S GEMM: a tile without keys (or the end of the
-      // work) multiplies Q by its own Q buffer instead of a K tile and the
-      // product is never read. (An issue under a branch makes ptxas
-      // serialize every wgmma of the kernel: with the last P V product in
-      // flight it cannot tell on which paths the S GEMM is.) That buffer is
-      // quiet: the producer loads no Q for such a tile, and the tile it held
-      // before is finished.
-      static_assert(kBlockN == kBlockM, "a Q tile stands in for a K tile");
-      const bool has_keys = t.has_keys();
-      if (has_keys) pipeline_k.consumer_wait(read);
-      const Element* b = has_keys
-          ? smem.k.data() + read.index() * (kBlockN * kHeadDim)
-          : smem.q.data() + qs * (kBlockM * kHeadDim);
-      Tensor sB = make_tensor(make_smem_ptr(b),
-                              take<0, 2>(typename Traits::SmemLayoutKV{}));
-      turns.wait_turn();
-      warpgroup_gemm_issue<true, false>(mma_s, tSrQ(_, _, _, qs),
-                                        thr_s.partition_fragment_B(sB),
-                                        s_first);
-      turns.pass_turn();
-    } else if (t.has_keys()) {
-      pipeline_k.consumer_wait(read);
-      turns.wait_turn();
-      warpgroup_gemm_issue<true, false>(mma_s, tSrQ(_, _, _, qs),
-                                        tSrK(_, _, _, read.index()), s_first);
-      turns.pass_turn();
-    }
-    return t;
-  };
-
-  // The epilogue of tile `t` (Q stage qs), once its last P V product is in.
-  auto finish_tile = [&](const OpenTile& t, int qs)
-      __attribute__((always_inline)) {
-    const FwdTile w = t.w;
-    const int m0 = t.m0;
-    const AttentionMask& mask = t.mask;
-    // Epilogue: O / rowsum (rows past q_len give 0 and lse -inf), staged
-    // in this warpgroup's half of the tile's Q buffer, which its GEMMs no
-    // longer read (each consumer warpgroup's S GEMM reads only its own 64
-    // rows of Q), by stmatrix, then copied out in 16-byte row chunks.
-    // Straight from the accumulator, each 4-byte store of a warp touched 8
-    // rows; with 4-byte shared stores instead, the swizzled addresses cost
-    // as much (about 800 instructions a thread either way, 1.6 us a tile on
-    // an H200, with the tensor cores idle for most of it).
-    float inv_sum[kRows];
-    float lse[kRows];
-    softmax.finalize(inv_sum, lse, scale_log2);
-    Tensor out_coords = thr_o.partition_C(
-        make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-    Tensor out_rc = make_tensor(out_coords.data(),
-                                accumulator_rows_cols(out_coords.layout()));
-    Tensor sO = sQ(_, _, qs);  // (kBlockM, D)
-    float* lse_out =
-        p.lse + (static_cast<int64_t>(w.b) * p.num_heads + w.h) * p.seqlen_q;
-    // O is read, not written: with the next tile's S GEMM in flight, an
-    // instruction that writes a wgmma accumulator makes ptxas serialize
-    // every wgmma of the kernel.
-    Tensor rO = make_tensor_like<Element>(tOrO);
-    Tensor rO_rc = make_tensor(rO.data(), accumulator_rows_cols(rO.layout()));
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = m0 + get<0>(out_rc(r, 0));
-      const bool live = i < mask.q_len;
-      const float scale = live ? inv_sum[r] : 0.f;
-#pragma unroll
-      for (int c = 0; c < size<1>(o_rc); ++c) {
-        rO_rc(r, c) = static_cast<Element>(o_rc(r, c) * scale);
-      }
-      if (tid % 4 == 0 && i < p.seqlen_q) {
-        lse_out[i] = live ? lse[r] : -INFINITY;
-      }
-    }
-    {
-      auto store_o = make_tiled_copy_C(
-          Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_o);
-      auto thr_store_o = store_o.get_thread_slice(tid);
-      copy(store_o, thr_store_o.retile_S(rO), thr_store_o.partition_D(sO));
-    }
-    constexpr int kWarpgroupRows = kBlockM / Traits::kConsumerWarpgroups;
-    const int first_row =
-        get<0>(out_rc(0, 0)) / kWarpgroupRows * kWarpgroupRows;
-    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + warpgroup - 1);
-    {
-      constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
-      T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
-               w.h * p.out_head_stride;
-      const int rows = min(kWarpgroupRows, p.seqlen_q - (m0 + first_row));
-#pragma unroll
-      for (int k = tid % 128; k < kWarpgroupRows * kChunks; k += 128) {
-        const int row = k / kChunks;
-        const int col = (k % kChunks) * 8;
-        if (row < rows) {
-          *reinterpret_cast<uint4*>(
-              out + static_cast<int64_t>(m0 + first_row + row) *
-                        p.out_row_stride + col) =
-              *reinterpret_cast<const uint4*>(&sO(first_row + row, col));
-        }
-      }
-    }
-    // This tile's Q buffer may take a later tile's Q once every consumer
-    // thread is done with it; the TMA that refills it writes through the
-    // async proxy, ordered after these generic accesses by the fence.
-    cutlass::arch::fence_view_async_shared();
-    smem.q_empty[qs].arrive();
-  };
-
-  // The loop is rotated so that one place opens every tile: iteration `it`
-  // opens tile `it`, then finishes the tile before it, then computes tile
-  // `it` up to its last P V product. With two Q buffers, tile it is opened
-  // before tile it - 1's epilogue, so that its first S GEMM runs on the
-  // tensor cores under that epilogue (its Q is already in its own buffer,
-  // and its first K tile in the stage tile it - 1's last S GEMM freed).
-  // With one Q buffer the epilogue comes first: it frees the buffer that the
-  // next Q is loaded into.
-  OpenTile prev;
-  prev.tile = kNoTile;  // no tile computed and not yet finished
-  for (int it = 0;; ++it) {
-    const int prev_qs = (it + Traits::kQStages - 1) % Traits::kQStages;
-    // The waits for the last P V product are unconditional: ptxas does not
-    // know that one is in flight exactly when prev holds a tile, and on a
-    // path where it saw one in flight past a write to O it would serialize
-    // every wgmma of the kernel.
-    if constexpr (!kOpenNextEarly) {
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tOrO);
-      if (prev.tile != kNoTile) {
-        pipeline_v.consumer_release(read_v);
-        finish_tile(prev, prev_qs);
-      }
-    }
-    Tensor s_first =
-        partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    const OpenTile cur = open_tile(it, s_first);
-    if constexpr (kOpenNextEarly) {
-      // Groups complete in issue order: with this tile's S GEMM after it,
-      // the last P V product is in once at most one group is pending.
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(tOrO);
-      if (prev.tile != kNoTile) {
-        pipeline_v.consumer_release(read_v);
-        finish_tile(prev, prev_qs);
-      }
-      warpgroup_fence_operand(s_first);
-    }
-    prev.tile = kNoTile;
-    if (!cur.has_keys()) {
-      warpgroup_wait<0>();  // the stand-in S GEMM of open_tile, if any
-      warpgroup_fence_operand(s_first);
-    }
-    if (cur.tile == kNoTile) break;
-    const int qs = it % Traits::kQStages;
-    const FwdTile w = cur.w;
-    const int m0 = cur.m0;
-    const AttentionMask mask = cur.mask;
-    const int key_lo = cur.key_lo;
-    const int key_hi = cur.key_hi;
-    if (!cur.has_keys()) {
+    const int tile = smem.tile[qs];
+    if (tile == kNoTile) break;
+    const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads,
+                                      p.batch, section_rows);
+    const int m0 = w.m_block * kBlockM;
+    const AttentionMask mask = AttentionMask::make(p, w.b);
+    const int key_lo = mask.key_begin(m0);
+    const int key_hi = mask.key_end(m0 + kBlockM);
+    if (key_lo >= key_hi) {
       smem.q_empty[qs].arrive();
       write_empty_tile<Traits>(p, w.b, w.h, m0, tid, Traits::kConsumerThreads);
       continue;
@@ -582,13 +402,18 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     //   (under the S GEMM); issue O += P(n + 1) V(n + 1);
     //   wait for S(n); softmax of S(n) (overlapping the P V product);
     //   wait for O; P(n) = bf16(S(n)).
+    clear(tOrO);
     softmax.init();
     {
-      // S(n_hi), issued when the tile was opened.
-      auto& tSrS = s_first;
+      Tensor tSrS =
+          partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      pipeline_k.consumer_wait(read);
+      turns.wait_turn();
+      warpgroup_gemm_issue<true, false>(mma_s, tSrQ(_, _, _, qs),
+                                        tSrK(_, _, _, read.index()), tSrS);
+      turns.pass_turn();
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
-      clear(tOrO);  // once no wgmma is in flight (see finish_tile)
       pipeline_k.consumer_release(read);
       Tensor s_rc =
           make_tensor(tSrS.data(), accumulator_rows_cols(tSrS.layout()));
@@ -602,7 +427,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       softmax.update(s_rc, scale_log2, rescale);
       convert_p(tSrS);
     }
-    read_v = read;  // V tile of P in hand
+    typename Pipeline::PipelineState read_v = read;  // V tile of P in hand
     ++read;
     // Always inlined: a call would move the register state to the stack.
     auto step = [&](int n, auto masked_c) __attribute__((always_inline)) {
@@ -648,7 +473,76 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     warpgroup_gemm_issue<false, true>(mma_o, tOrP,
                                       tOrV(_, _, _, read_v.index()), tOrO);
     turns.pass_turn();
-    prev = cur;
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    pipeline_v.consumer_release(read_v);
+
+    // Epilogue: O / rowsum (rows past q_len give 0 and lse -inf), staged
+    // in this warpgroup's half of the tile's Q buffer, which its GEMMs no
+    // longer read (each consumer warpgroup's S GEMM reads only its own 64
+    // rows of Q), by stmatrix, then copied out in 16-byte row chunks.
+    // Straight from the accumulator, each 4-byte store of a warp touched 8
+    // rows; with 4-byte shared stores instead, the swizzled addresses cost
+    // as much (about 800 instructions a thread either way, 1.6 us a tile on
+    // an H200, with the tensor cores idle for most of it).
+    float inv_sum[kRows];
+    float lse[kRows];
+    softmax.finalize(inv_sum, lse, scale_log2);
+    Tensor out_coords = thr_o.partition_C(
+        make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor out_rc = make_tensor(out_coords.data(),
+                                accumulator_rows_cols(out_coords.layout()));
+    Tensor sO = sQ(_, _, qs);  // (kBlockM, D)
+    float* lse_out =
+        p.lse + (static_cast<int64_t>(w.b) * p.num_heads + w.h) * p.seqlen_q;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = m0 + get<0>(out_rc(r, 0));
+      const bool live = i < mask.q_len;
+      const float scale = live ? inv_sum[r] : 0.f;
+#pragma unroll
+      for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= scale;
+      if (tid % 4 == 0 && i < p.seqlen_q) {
+        lse_out[i] = live ? lse[r] : -INFINITY;
+      }
+    }
+    {
+      Tensor rO = make_tensor_like<Element>(tOrO);
+#pragma unroll
+      for (int e = 0; e < size(tOrO); ++e) {
+        rO(e) = static_cast<Element>(tOrO(e));
+      }
+      auto store_o = make_tiled_copy_C(
+          Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_o);
+      auto thr_store_o = store_o.get_thread_slice(tid);
+      copy(store_o, thr_store_o.retile_S(rO), thr_store_o.partition_D(sO));
+    }
+    constexpr int kWarpgroupRows = kBlockM / Traits::kConsumerWarpgroups;
+    const int first_row =
+        get<0>(out_rc(0, 0)) / kWarpgroupRows * kWarpgroupRows;
+    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + warpgroup - 1);
+    {
+      constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
+      T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
+               w.h * p.out_head_stride;
+      const int rows = min(kWarpgroupRows, p.seqlen_q - (m0 + first_row));
+#pragma unroll
+      for (int k = tid % 128; k < kWarpgroupRows * kChunks; k += 128) {
+        const int row = k / kChunks;
+        const int col = (k % kChunks) * 8;
+        if (row < rows) {
+          *reinterpret_cast<uint4*>(
+              out + static_cast<int64_t>(m0 + first_row + row) *
+                        p.out_row_stride + col) =
+              *reinterpret_cast<const uint4*>(&sO(first_row + row, col));
+        }
+      }
+    }
+    // This tile's Q buffer may take a later tile's Q once every consumer
+    // thread is done with it; the TMA that refills it writes through the
+    // async proxy, ordered after these generic accesses by the fence.
+    cutlass::arch::fence_view_async_shared();
+    smem.q_empty[qs].arrive();
   }
   turns.finish();
 }
