@@ -90,8 +90,8 @@ def test_more_work_tiles_than_multiprocessors(options, parts):
   # 9 query tiles x 16 heads x 2 rows = 288 tiles of 128 rows, more than an
   # H100/H200 has SMs: the persistent sm90 forward's CTAs each take several,
   # and with Sq > Sk under a causal mask the first tiles see no key at all.
-  # Without a mask the sm90 forward runs its 176-key variant, whose one Q
-  # buffer is refilled only after each tile's epilogue.
+  # Without a mask every tile has the same keys, the last ones a partial
+  # K/V tile.
   _check_masked(7, 2, 1100, 700, 16, 4, options, parts)
 
 

@@ -9,8 +9,8 @@
 #include <type_traits>
 
 #include <cute/tensor.hpp>
-// The wgmma shapes outside CuTe's default list (N = 176 for the unmasked
-// D = 128 variant); CuTe includes them only under
+// The wgmma shapes outside CuTe's default list (N = 80 for the 80-key
+// tiles at D = 256); CuTe includes them only under
 // CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, which would also change what its
 // selectors pick for every other kernel.
 #include <cute/arch/mma_sm90_gmma_ext.hpp>
@@ -27,33 +27,26 @@ namespace sm90 {
 
 // The wgmma atom of an M x N x K product with both operands in shared
 // memory, K-major, float accumulators: CuTe's selector, except for the N it
-// knows only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED (80 and 176 here),
-// for which it would split the tile into instructions of N = 16 (80 = 5 x
-// 16; 176 = 11 x 16).
+// knows only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED (80 here), for
+// which it would split the tile into five instructions of N = 16.
 template <typename Element, int M, int N, int K>
 struct SsAtom {
   using type = decltype(cute::GMMA::ss_op_selector<
                         Element, Element, float,
                         cute::Shape<cute::Int<M>, cute::Int<N>, cute::Int<K>>>());
 };
-#define JAX_FLASH_SM90_SS_ATOM(N)                                          \
-  template <int M, int K>                                                  \
-  struct SsAtom<cutlass::bfloat16_t, M, N, K> {                            \
-    using type = cute::SM90::GMMA::MMA_64x##N##x16_F32BF16BF16_SS<         \
-        cute::GMMA::Major::K, cute::GMMA::Major::K>;                       \
-  };                                                                       \
-  template <int M, int K>                                                  \
-  struct SsAtom<cutlass::half_t, M, N, K> {                                \
-    using type = cute::SM90::GMMA::MMA_64x##N##x16_F32F16F16_SS<           \
-        cute::GMMA::Major::K, cute::GMMA::Major::K>;                       \
-  };
-JAX_FLASH_SM90_SS_ATOM(80)
-JAX_FLASH_SM90_SS_ATOM(176)
-#undef JAX_FLASH_SM90_SS_ATOM
+template <int M, int K>
+struct SsAtom<cutlass::bfloat16_t, M, 80, K> {
+  using type = cute::SM90::GMMA::MMA_64x80x16_F32BF16BF16_SS<
+      cute::GMMA::Major::K, cute::GMMA::Major::K>;
+};
+template <int M, int K>
+struct SsAtom<cutlass::half_t, M, 80, K> {
+  using type = cute::SM90::GMMA::MMA_64x80x16_F32F16F16_SS<
+      cute::GMMA::Major::K, cute::GMMA::Major::K>;
+};
 
-// kBlockN_: keys per mainloop step, fwd_block_n unless a variant picks
-// another (fwd_wide_block_n).
-template <typename T_, int kHeadDim_, int kBlockN_ = fwd_block_n(kHeadDim_)>
+template <typename T_, int kHeadDim_>
 struct FwdKernelTraits {
   using T = T_;  // __nv_bfloat16 or __half, as the FFI handlers name it
   // The same type as CuTe's GMMA and TMA atoms name it.
@@ -62,12 +55,11 @@ struct FwdKernelTraits {
   static_assert(sizeof(Element) == sizeof(T), "same 16-bit storage");
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = fwd_block_m(kHeadDim);
-  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kBlockN = fwd_block_n(kHeadDim);
   static constexpr int kStages = fwd_stages(kHeadDim);
   static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
   static constexpr bool kPersistent = fwd_persistent(kHeadDim);
-  static constexpr int kQStages =
-      fwd_q_stages(kHeadDim, kBlockN, static_cast<int>(sizeof(T)));
+  static constexpr int kQStages = fwd_q_stages(kHeadDim);
   static constexpr int kConsumerWarpgroups = kFwdConsumerWarpgroups;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * 128;
   static constexpr int kThreads = kFwdThreads;

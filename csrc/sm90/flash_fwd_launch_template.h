@@ -92,21 +92,10 @@ int run_mha_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // tests for them per tile.
   const bool score_mod = p.softcap > 0.f || p.alibi_slopes != nullptr ||
                          !(p.softmax_scale > 0.f);
-  // Unmasked attention (lengths allowed) takes longer K/V tiles where the
-  // head dim has such a variant (sm90::fwd_wide_block_n).
-  constexpr int kWideN = sm90::fwd_wide_block_n(kHeadDim);
-  const bool unmasked = p.window_left < 0 && p.window_right < 0;
   if (score_mod) {
     sm90::launch_fwd_sm90<Traits, true, true>(p, stream);
   } else if (p.q_segment_ids != nullptr) {
     sm90::launch_fwd_sm90<Traits, false, true>(p, stream);
-  } else if constexpr (kWideN > 0) {
-    using WideTraits = sm90::FwdKernelTraits<T, kHeadDim, kWideN>;
-    if (unmasked && WideTraits::kSmemBytes <= p.max_smem_per_block) {
-      sm90::launch_fwd_sm90<WideTraits, false, false>(p, stream);
-    } else {
-      sm90::launch_fwd_sm90<Traits, false, false>(p, stream);
-    }
   } else {
     sm90::launch_fwd_sm90<Traits, false, false>(p, stream);
   }

@@ -2,8 +2,6 @@
 // of the head dim, with the reason for each.
 #pragma once
 
-#include "common/flash.h"
-
 namespace jax_flash {
 namespace sm90 {
 
@@ -18,22 +16,10 @@ constexpr int fwd_block_m(int /*head_dim*/) { return 128; }
 // the main loop holds no spills; the epilogue reloads a few addresses), and
 // keep Q + two K and V stages within 227 KB of shared memory (224 KB at D =
 // 256). 80 keys rather than 64 at D = 256 spread a step's fixed costs over
-// 25% more keys (FlashAttention-3 makes the same choice).
+// 25% more keys (FlashAttention-3's choice): +2% to +12% in the six D = 256
+// forward cells of the benchmark grid on an H200.
 constexpr int fwd_block_n(int head_dim) {
   return head_dim <= 128 ? 128 : head_dim <= 192 ? 96 : 80;
-}
-
-// Keys per mainloop step of the variant for unmasked attention (no causal
-// or window bound, no segment ids, no score modifier), 0 where there is
-// none. A step's fixed costs (the row max and sum across a quad, the
-// rescale of the 64 x D output, the barriers of the pipelines and of the
-// tensor-core turns) are paid per K/V tile, so longer tiles spread them over
-// more keys; under causal and window masks the diagonal tile's wasted half
-// would grow with the tile, so those keep fwd_block_n. 176 keys at D = 128
-// (88 score registers a thread) is FlashAttention-3's choice for the same
-// case; its shared memory leaves room for one Q buffer.
-constexpr int fwd_wide_block_n(int head_dim) {
-  return head_dim == 128 ? 176 : 0;
 }
 
 // K and V buffers each: two, so that the TMA of tile n+1 runs under the
@@ -55,19 +41,14 @@ constexpr bool fwd_ping_pong(int head_dim) { return head_dim <= 128; }
 // TFLOP/s), so those head dims launch one CTA per tile.
 constexpr bool fwd_persistent(int head_dim) { return head_dim <= 128; }
 
-// Q buffers: two for the persistent grid where they fit beside the K/V
-// stages, so that the producer loads the next tile's Q (and, as K/V stages
-// free up, its first K/V tiles) while the consumers still compute the
-// current tile, instead of after their last GEMM of it; the consumers then
-// find the next tile in shared memory when their epilogue ends. 192 KB of
-// shared memory at D = 128 with 128-key tiles; with 176-key tiles two would
-// take 240 KB. One CTA per tile (D > 128) has no next tile to load.
-// `bytes` is the element size; 1 KB is left for the barriers.
-constexpr int fwd_q_stages(int head_dim, int block_n, int bytes) {
-  const int q_tile = fwd_block_m(head_dim) * head_dim * bytes;
-  const int kv = 2 * fwd_stages(head_dim) * block_n * head_dim * bytes;
-  return fwd_persistent(head_dim) && 2 * q_tile + kv + 1024 <= kSm90SmemPerBlock
-             ? 2 : 1;
+// Q buffers: two for the persistent grid, so that the producer loads the
+// next tile's Q (and, as K/V stages free up, its first K/V tiles) while the
+// consumers still compute the current tile, instead of after their last
+// GEMM of it; the consumers then find the next tile in shared memory when
+// their epilogue ends. 192 KB of shared memory at D = 128. One CTA per tile
+// (D > 128) has no next tile to load, and no shared memory to spare.
+constexpr int fwd_q_stages(int head_dim) {
+  return fwd_persistent(head_dim) ? 2 : 1;
 }
 
 // Warpgroups: one producer (one thread issues every TMA) and two consumers.

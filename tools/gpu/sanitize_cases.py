@@ -95,8 +95,8 @@ def main() -> None:
       ("alibi+segments d256 deterministic", 256,
        AttentionConfig(0.0625, deterministic=True),
        segments._replace(alibi_slopes=alibi.alibi_slopes)),
-      # No mask but lengths: the sm90 forward's unmasked variants (176-key
-      # tiles at D = 128, 80-key tiles at D = 256).
+      # No mask but lengths: the sm90 forward's plain variant, with 80-key
+      # tiles at D = 256.
       ("lengths d128", 128, AttentionConfig(128 ** -0.5), lengths),
       ("lengths d256", 256, AttentionConfig(0.0625), lengths),
   ]
