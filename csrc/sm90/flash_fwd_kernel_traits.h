@@ -77,6 +77,9 @@ struct FwdKernelTraits {
   // S = Q K^T: both operands from shared memory, K-major (D contiguous),
   // one wgmma of N = kBlockN per k step (SsAtom).
   using MmaSAtom = typename SsAtom<Element, kBlockM, kBlockN, kHeadDim>::type;
+  static_assert(cute::size<1>(typename cute::MMA_Traits<MmaSAtom>::Shape_MNK{}) ==
+                    kBlockN,
+                "one wgmma spans the K/V tile (add the shape to SsAtom)");
   using MmaS = decltype(cute::make_tiled_mma(MmaSAtom{}, AtomLayout{}));
   // O += P V: P from registers (the converted score accumulator), V from
   // shared memory read MN-major (its D is contiguous, and D is O's N).
