@@ -10,9 +10,10 @@
 
 #include <cute/tensor.hpp>
 // The wgmma shapes outside CuTe's default list (N = 80 for the 80-key
-// tiles at D = 256); CuTe includes them only under
-// CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, which would also change what its
-// selectors pick for every other kernel.
+// tiles at D = 256). CuTe includes them only under
+// CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, which must precede its first
+// header in every translation unit (a build flag, reaching the backward
+// too); included here, they serve only the choice made in SsAtom.
 #include <cute/arch/mma_sm90_gmma_ext.hpp>
 #include <cute/atom/mma_traits_sm90_gmma_ext.hpp>
 #include <cutlass/arch/barrier.h>
@@ -77,8 +78,8 @@ struct FwdKernelTraits {
   // S = Q K^T: both operands from shared memory, K-major (D contiguous),
   // one wgmma of N = kBlockN per k step (SsAtom).
   using MmaSAtom = typename SsAtom<Element, kBlockM, kBlockN, kHeadDim>::type;
-  static_assert(cute::size<1>(typename cute::MMA_Traits<MmaSAtom>::Shape_MNK{}) ==
-                    kBlockN,
+  using MmaSShape = typename cute::MMA_Traits<MmaSAtom>::Shape_MNK;
+  static_assert(cute::size<1>(MmaSShape{}) == kBlockN,
                 "one wgmma spans the K/V tile (add the shape to SsAtom)");
   using MmaS = decltype(cute::make_tiled_mma(MmaSAtom{}, AtomLayout{}));
   // O += P V: P from registers (the converted score accumulator), V from
