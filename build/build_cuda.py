@@ -100,6 +100,15 @@ def headers(csrc: pathlib.Path = CSRC) -> list[pathlib.Path]:
   return sorted(csrc.rglob("*.h"))
 
 
+# Preprocessor definitions every translation unit that includes csrc/ (and
+# CuTe) compiles with. CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED: CuTe's wgmma
+# selectors then know every N that is a multiple of 8 (80, 160, 224, 48,
+# ...), instead of splitting such a tile into instructions of N = 16 or 32;
+# the shapes of its default list are picked as before. The sm90 traits
+# assert that one instruction spans each tile's N.
+DEFINES = ["-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED"]
+
+
 def compile_flags(archs: Sequence[int], csrc: pathlib.Path = CSRC,
                   generated: pathlib.Path = GENERATED,
                   system_dirs: Optional[Sequence[str]] = None) -> list[str]:
@@ -111,6 +120,7 @@ def compile_flags(archs: Sequence[int], csrc: pathlib.Path = CSRC,
   if system_dirs is None:
     system_dirs = list(include_dirs().values())
   flags = ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr",
+           *DEFINES,
            "-Xcompiler", "-fPIC", "-I", str(csrc), "-I", str(generated),
            f"-DJAX_FLASH_CUDA_ARCHS=\"{','.join(map(str, archs))}\""]
   for d in system_dirs:

@@ -34,6 +34,7 @@ def test_kernel_addresses_match_cute_layouts(program, tmp_path):
   binary = tmp_path / "check"
   compiled = subprocess.run(
       [nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-arch=sm_90a",
+       *build_cuda.DEFINES,
        "-I", str(REPO / "csrc"), "-isystem", dirs["cutlass"],
        str(REPO / "tests" / "csrc" / program), "-o", str(binary)],
       capture_output=True, text=True, timeout=600)

@@ -230,6 +230,35 @@ def test_head_dim_256(monkeypatch, arch, options, parts):
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])
+@pytest.mark.parametrize("d,options,parts", [
+    (96, dict(causal=True), dict(lengths=True)),
+    (96, dict(window_left=100, window_right=20, deterministic=True),
+     dict(alibi=True, segments=True)),
+    (192, dict(causal=True), {}),
+    (192, dict(softcap=5.0, deterministic=True),
+     dict(alibi=True, lengths=True)),
+    (160, dict(causal=True), dict(segments=True)),
+    (224, {}, dict(lengths=True)),
+])
+def test_head_dims_between_powers_of_two(monkeypatch, arch, d, options,
+                                         parts):
+  """D = 96 and 192 on the sm90 backward (128 keys a CTA at 96; split-D at
+  192, whose Q, dO and K rows take 64-byte swizzle atoms so that a half of
+  D spans whole atoms) and 160 and 224 on the sm90 forward (wgmma N = 160
+  and 224 in its P V product; their backward is the sm80 kernel's): masks,
+  score modifiers, GQA 4:1, lengths that end inside a tile, deterministic
+  dalibi (bitwise repeated). Both archs where built (sm80 elsewhere)."""
+  monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)
+  rng = np.random.default_rng(29)
+  q, k, v = _inputs(29, 2, 200, 333, 8, 2, d)
+  masks = make_masks(rng, 2, 200, 333, 8, **parts)
+  config = _config(d, **options)
+  check_against_reference(cuda.attention, q, k, v, config, masks)
+  if config.deterministic:
+    _assert_gradients_repeat_bitwise(q, k, v, config, masks)
+
+
+@pytest.mark.parametrize("arch", ["sm90", "sm80"])
 @pytest.mark.parametrize("offsets,options,parts", [
     # Diagonal offset 70 - 120 = -50: the first 50 rows see no key.
     ((0, 120), dict(causal=True), {}),

@@ -707,8 +707,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   // them once both warpgroups are here), so that global memory gets whole
   // rows: from registers, a warp's 4-byte stores would cover 8 rows with 16
   // bytes each, half of every 32-byte sector. Rows of D elements in 16-byte
-  // chunks, chunk c of row r at c ^ (r % 8): a warp's stores (8 rows, 4
-  // column pairs in one chunk) then hit 32 distinct banks.
+  // chunks, chunk c of row r at c ^ (r % kXor): a warp's stores (8 rows, 4
+  // column pairs in one chunk) then hit 32 distinct banks where kXor is 8.
+  // kXor divides the row's chunks (12 at D = 96: kXor 4), so that the XOR
+  // stays inside the row.
   Tensor kv_coords = thr_kv.partition_C(make_identity_tensor(TileKV{}));
   Tensor kv_coords_rc = make_tensor(kv_coords.data(),
                                     accumulator_rows_cols(kv_coords.layout()));
@@ -718,8 +720,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                 "a dK or dV tile fits in the Q (dO) buffers");
   T* sdk = reinterpret_cast<T*>(smem.q.data());
   T* sdv = reinterpret_cast<T*>(smem.dout.data());
+  constexpr int kXor = (kHeadDim / 8) % 8 == 0 ? 8 : 4;
+  static_assert((kHeadDim / 8) % kXor == 0, "the XOR stays inside a row");
   auto staged = [](int row, int chunk) {
-    return row * kHeadDim + ((chunk ^ (row % 8)) * 8);
+    return row * kHeadDim + ((chunk ^ (row % kXor)) * 8);
   };
   cutlass::arch::NamedBarrier::sync(256, kBarrierDsWritten);
 #pragma unroll

@@ -28,6 +28,7 @@
 #include "common/flash.h"
 #include "sm90/bwd_dq_tile.h"
 #include "sm90/bwd_tile_size.h"
+#include "sm90/wgmma_shape.h"
 
 namespace jax_flash {
 namespace sm90 {
@@ -69,6 +70,8 @@ struct BwdKernelTraits {
                                              HeadDim>>(),
       cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
   using MmaSdP = std::conditional_t<kSplitD, MmaSdPSplit, MmaSdPSlabs>;
+  static_assert(wgmma_n<MmaSdP>() == (kSplitD ? kBlockM / 2 : kBlockM),
+                JAX_FLASH_ONE_WGMMA_SPANS_N);
   // dV and dK: A = P^T or dS^T from registers, B = dO or Q read MN-major
   // (their D is contiguous, and D is the N here). Split-D: A from shared
   // memory (P^T in dS buffer 0, dS^T in buffer 1), each warpgroup D / 2.
@@ -85,6 +88,8 @@ struct BwdKernelTraits {
                                  cute::GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
   using MmaKV = std::conditional_t<kSplitD, MmaKVSplit, MmaKVSlabs>;
+  static_assert(wgmma_n<MmaKV>() == (kSplitD ? kHeadDim / 2 : kHeadDim),
+                JAX_FLASH_ONE_WGMMA_SPANS_N);
   // dQ: A = dS from shared memory, queries contiguous (MN-major), B = K read
   // MN-major; warpgroup w computes columns [w D / 2, (w + 1) D / 2).
   using MmaDq = decltype(cute::make_tiled_mma(
@@ -93,11 +98,35 @@ struct BwdKernelTraits {
                                  cute::GMMA::Major::MN,
                                  cute::GMMA::Major::MN>(),
       cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
+  static_assert(wgmma_n<MmaDq>() == kHeadDim / 2,
+                JAX_FLASH_ONE_WGMMA_SPANS_N);
+
+  // The swizzle atoms of the tiles whose rows are D elements (Q, dO, K,
+  // V): the widest (64, 32 or 16 columns: 128-, 64- or 32-byte swizzle)
+  // that divides D and that the wgmma reading the tile as its MN-major B
+  // operand, n columns at a time, can take: n must span whole atoms or lie
+  // within one. Q and dO are read so by dV and dK (n = D, or D / 2 split-D),
+  // K by dQ (n = D / 2). The widest that divides D serves every head dim but
+  // D = 96 (dQ's n = 48: 32-byte atoms for K and V) and D = 192 (n = 96
+  // split-D: 64-byte atoms throughout).
+  static constexpr int atom_columns(int n) {
+    for (int w = 64; w >= 16; w /= 2) {
+      if (kHeadDim % w == 0 && (n % w == 0 || w % n == 0)) return w;
+    }
+    return 8;
+  }
+  template <int kColumns>
+  using SmemAtomRowsOfD = std::conditional_t<
+      kColumns == 64, cute::GMMA::Layout_K_SW128_Atom<Element>,
+      std::conditional_t<
+          kColumns == 32, cute::GMMA::Layout_K_SW64_Atom<Element>,
+          std::conditional_t<kColumns == 16,
+                             cute::GMMA::Layout_K_SW32_Atom<Element>,
+                             cute::GMMA::Layout_K_INTER_Atom<Element>>>>;
 
   // Q and dO: (kBlockM, D, stage), rows of D elements.
-  using SmemAtomQ = decltype(
-      cutlass::gemm::collective::detail::ss_smem_selector<
-          cute::GMMA::Major::K, Element, BlockM, HeadDim>());
+  using SmemAtomQ =
+      SmemAtomRowsOfD<atom_columns(kSplitD ? kHeadDim / 2 : kHeadDim)>;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
       SmemAtomQ{}, cute::Shape<BlockM, HeadDim, cute::Int<kStages>>{}));
   // The same bytes as (D, kBlockM, stage): the B operand of dV and dK.
@@ -107,9 +136,7 @@ struct BwdKernelTraits {
           cute::Shape<HeadDim, BlockM, cute::Int<kStages>>{},
           cute::Step<cute::_2, cute::_1, cute::_3>{})));
   // K and V: (kBlockN, D), loaded once.
-  using SmemAtomK = decltype(
-      cutlass::gemm::collective::detail::ss_smem_selector<
-          cute::GMMA::Major::K, Element, BlockN, HeadDim>());
+  using SmemAtomK = SmemAtomRowsOfD<atom_columns(kHeadDim / 2)>;
   using SmemLayoutK =
       decltype(cute::tile_to_shape(SmemAtomK{}, cute::Shape<BlockN, HeadDim>{}));
   // K as (D, kBlockN): the B operand of dQ.

@@ -9,43 +9,16 @@
 #include <type_traits>
 
 #include <cute/tensor.hpp>
-// The wgmma shapes outside CuTe's default list (N = 80 for the 80-key
-// tiles at D = 256). CuTe includes them only under
-// CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED, which must precede its first
-// header in every translation unit (a build flag, reaching the backward
-// too); included here, they serve only the choice made in SsAtom.
-#include <cute/arch/mma_sm90_gmma_ext.hpp>
-#include <cute/atom/mma_traits_sm90_gmma_ext.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>
 #include <cutlass/pipeline/pipeline.hpp>
 
 #include "sm90/tile_size.h"
+#include "sm90/wgmma_shape.h"
 
 namespace jax_flash {
 namespace sm90 {
-
-// The wgmma atom of an M x N x K product with both operands in shared
-// memory, K-major, float accumulators: CuTe's selector, except for the N it
-// knows only under CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED (80 here), for
-// which it would split the tile into five instructions of N = 16.
-template <typename Element, int M, int N, int K>
-struct SsAtom {
-  using type = decltype(cute::GMMA::ss_op_selector<
-                        Element, Element, float,
-                        cute::Shape<cute::Int<M>, cute::Int<N>, cute::Int<K>>>());
-};
-template <int M, int K>
-struct SsAtom<cutlass::bfloat16_t, M, 80, K> {
-  using type = cute::SM90::GMMA::MMA_64x80x16_F32BF16BF16_SS<
-      cute::GMMA::Major::K, cute::GMMA::Major::K>;
-};
-template <int M, int K>
-struct SsAtom<cutlass::half_t, M, 80, K> {
-  using type = cute::SM90::GMMA::MMA_64x80x16_F32F16F16_SS<
-      cute::GMMA::Major::K, cute::GMMA::Major::K>;
-};
 
 template <typename T_, int kHeadDim_>
 struct FwdKernelTraits {
@@ -76,12 +49,11 @@ struct FwdKernelTraits {
                                cute::_1>>;
 
   // S = Q K^T: both operands from shared memory, K-major (D contiguous),
-  // one wgmma of N = kBlockN per k step (SsAtom).
-  using MmaSAtom = typename SsAtom<Element, kBlockM, kBlockN, kHeadDim>::type;
-  using MmaSShape = typename cute::MMA_Traits<MmaSAtom>::Shape_MNK;
-  static_assert(cute::size<1>(MmaSShape{}) == kBlockN,
-                "one wgmma spans the K/V tile (add the shape to SsAtom)");
-  using MmaS = decltype(cute::make_tiled_mma(MmaSAtom{}, AtomLayout{}));
+  // one wgmma of N = kBlockN per k step.
+  using MmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, TileShape>(),
+      AtomLayout{}));
+  static_assert(wgmma_n<MmaS>() == kBlockN, JAX_FLASH_ONE_WGMMA_SPANS_N);
   // O += P V: P from registers (the converted score accumulator), V from
   // shared memory read MN-major (its D is contiguous, and D is O's N).
   using MmaO = decltype(cute::make_tiled_mma(
@@ -92,6 +64,7 @@ struct FwdKernelTraits {
                                  cute::GMMA::Major::K,
                                  cute::GMMA::Major::MN>(),
       AtomLayout{}));
+  static_assert(wgmma_n<MmaO>() == kHeadDim, JAX_FLASH_ONE_WGMMA_SPANS_N);
 
   // Shared memory: rows of D elements in the widest swizzle that divides D.
   using SmemAtomQ = decltype(

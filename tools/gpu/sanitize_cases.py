@@ -99,9 +99,16 @@ def main() -> None:
       # tiles at D = 256.
       ("lengths d128", 128, AttentionConfig(128 ** -0.5), lengths),
       ("lengths d256", 256, AttentionConfig(0.0625), lengths),
+      # The sm90 backward between the powers of two: 128 keys a CTA at
+      # D = 96; split-D with 64-byte swizzled rows at D = 192.
+      ("causal+lengths d96", 96, AttentionConfig(96 ** -0.5, causal=True),
+       lengths),
+      ("alibi+segments d192 deterministic", 192,
+       AttentionConfig(192 ** -0.5, causal=True, deterministic=True),
+       segments._replace(alibi_slopes=alibi.alibi_slopes)),
   ]
   if args.small:
-    cases = [cases[i] for i in (0, 1, 4, 5, 6, 7, 8, 9)]
+    cases = [cases[i] for i in (0, 1, 4, 5, 6, 7, 8, 9, 10, 11)]
   for name, d, config, masks in cases:
     if not _built(d):
       continue
