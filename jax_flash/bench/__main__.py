@@ -45,7 +45,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument("--kinds", type=_names, default=["mha", "gqa", "decode"],
                       help="comma-separated subset of mha,gqa,decode")
   parser.add_argument("--head-dims", type=_ints,
-                      help="restrict MHA/GQA cases to these D")
+                      help="restrict MHA/GQA cases to these D; a D outside "
+                      "the grid (64, 128, 256) adds MHA cases at the grid's "
+                      "S values")
   parser.add_argument("--seqlens", type=_ints,
                       help="restrict MHA/GQA cases to these S")
   parser.add_argument("--masks", choices=["both", "full", "causal"],
@@ -77,6 +79,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def select_cases(args: argparse.Namespace) -> list[grid.Case]:
   """The grid the options ask for."""
   chosen = grid.quick_grid() if args.quick else grid.default_grid()
+  if args.head_dims and not args.quick:
+    in_grid = {case.head_dim for case in chosen if case.kind == "mha"}
+    extra = tuple(d for d in args.head_dims if d not in in_grid)
+    chosen = chosen + grid.training_cases(extra, grid.SEQ_LENS)
   masks = {"both": (False, True), "full": (False,), "causal": (True,)}[args.masks]
   def keep(case: grid.Case) -> bool:
     if case.kind not in args.kinds:

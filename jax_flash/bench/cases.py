@@ -116,6 +116,10 @@ def decode_cases(kv_lens: tuple[int, ...], *, batch: int = 4,
                False, page_size=page_size) for kv_len in kv_lens]
 
 
+SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+"""S of the published grid's MHA cases."""
+
+
 def default_grid() -> list[Case]:
   """The published grid, the headline D = 128 cases first.
 
@@ -124,7 +128,7 @@ def default_grid() -> list[Case]:
   128): B = 4 with one new token at Sk 8k/32k/128k, B = 64 at Sk 4k, four
   speculative tokens, and paged caches of blocks of 16 and 64.
   """
-  seq_lens = (512, 1024, 2048, 4096, 8192, 16384)
+  seq_lens = SEQ_LENS
   decode_lens = (8192, 32768, 131072)
   return (training_cases((128,), seq_lens)
           + training_cases((128,), (1024, 4096, 16384), kind="gqa",
