@@ -24,7 +24,8 @@
 //     next step. In deterministic mode the writer first waits for the query
 //     tile's semaphore (common/dq_order.h), so the consumers never wait for
 //     other CTAs unless the writer falls a whole step behind.
-// Split-D (D > 128, bwd_tile_size.h): 64 keys per CTA, one Q/dO stage.
+// Split-D (D > 128, bwd_tile_size.h): 64 keys per CTA, one Q/dO stage at
+// D = 256 and two at D = 192.
 // Each consumer warpgroup computes S^T and dP^T for 32 of the step's 64
 // queries, writes P^T and dS^T to shared memory, and after a barrier runs
 // dV += P^T dO, dK += dS^T Q and dQ = dS K for its half of D, all three
@@ -584,7 +585,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
       warpgroup_gemm_issue<true, false>(mma_dq, tDqrDs(_, _, _, 1), tDqrKt,
                                         acc_dq);
       // dV and dK are in: the Q/dO stage goes back to the producer while
-      // dQ runs (one stage: the next step's load waits for this).
+      // dQ runs (with one stage, the next step's load waits for this).
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc_dk);
       warpgroup_fence_operand(acc_dv);
