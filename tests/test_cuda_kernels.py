@@ -242,10 +242,11 @@ def test_head_dim_256(monkeypatch, arch, options, parts):
 ])
 def test_head_dims_between_powers_of_two(monkeypatch, arch, d, options,
                                          parts):
-  """D = 96 and 192 on the sm90 backward (128 keys a CTA at 96; split-D at
-  192, whose Q, dO and K rows take 64-byte swizzle atoms so that a half of
-  D spans whole atoms) and 160 and 224 on the sm90 forward (wgmma N = 160
-  and 224 in its P V product; their backward is the sm80 kernel's): masks,
+  """D = 96 and 192 on the sm90 backward (128 keys a CTA at 96, K and V in
+  32-byte swizzle atoms for dQ's 48 columns; split-D with two Q/dO stages at
+  192, every row in 64-byte atoms for the 96-column halves) and 160 and 224
+  on the sm90 forward (wgmma N = 160 and 224 in its P V product; their
+  backward is the sm80 kernel's): masks,
   score modifiers, GQA 4:1, lengths that end inside a tile, deterministic
   dalibi (bitwise repeated). Both archs where built (sm80 elsewhere)."""
   monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)

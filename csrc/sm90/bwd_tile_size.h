@@ -37,12 +37,12 @@ constexpr int kBwdBlockM = 64;
 constexpr int bwd_stages(int head_dim) { return head_dim > 192 ? 1 : 2; }
 
 // Head dims the kernel is written for; the others keep the sm80 backward.
-// D = 96 runs the D = 128 plan (dK + dV: 96 registers a consumer thread),
-// D = 192 the split-D one (96 columns per warpgroup; the rows of Q, dO and
-// K take 64-byte swizzle atoms there, flash_bwd_kernel_traits.h). Both
-// compile without spills. 160 and 224 are not here: their split-D halves,
-// 80 and 112 columns, would need 32-byte atoms and wgmma shapes CuTe's
-// selector skips (not tried).
+// D = 96 runs the D = 128 plan (dK + dV: 96 registers a consumer thread;
+// K and V in 32-byte swizzle atoms), D = 192 the split-D one (96 columns
+// per warpgroup; Q, dO, K and V in 64-byte atoms); flash_bwd_kernel_traits.h
+// says why. Both compile without spills. 160 and 224 are not here: their
+// split-D halves of 80 and 112 columns would take 32-byte atoms throughout
+// (not tried).
 constexpr bool bwd_supports_head_dim(int head_dim) {
   return head_dim == 64 || head_dim == 96 || head_dim == 128 ||
          head_dim == 192 || head_dim == 256;

@@ -1,6 +1,6 @@
-// The N of a tiled wgmma's instruction, for the traits' checks that one instruction spans
-// a tile's N. CuTe's selectors pick the widest N of their list that divides
-// the tile's; that list holds every multiple of 8 only under
+// The N of a tiled wgmma's instruction, for the traits' checks that one
+// instruction spans a tile's N. CuTe's selectors pick the widest N of their
+// list that divides the tile's; that list holds every multiple of 8 only under
 // CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED (build/build_cuda.py's DEFINES).
 // Without it they silently split a tile of N = 80, 160 or 224 into
 // instructions of N = 16 or 32, each of which reads its A operand again.
