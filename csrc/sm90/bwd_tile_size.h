@@ -40,9 +40,11 @@ constexpr int bwd_stages(int head_dim) { return head_dim > 192 ? 1 : 2; }
 // D = 96 runs the D = 128 plan (dK + dV: 96 registers a consumer thread;
 // K and V in 32-byte swizzle atoms), D = 192 the split-D one (96 columns
 // per warpgroup; Q, dO, K and V in 64-byte atoms); flash_bwd_kernel_traits.h
-// says why. Both compile without spills. 160 and 224 are not here: their
-// split-D halves of 80 and 112 columns would take 32-byte atoms throughout
-// (not tried).
+// says why. Both compile without spills. 160 and 224 are not here: added to
+// this list they compile as they are (split-D, 32-byte atoms throughout for
+// their halves of 80 and 112 columns; one Q/dO stage at 224), but D = 224
+// then spills (57 local loads and stores in the SASS), and neither has run
+// on a GPU.
 constexpr bool bwd_supports_head_dim(int head_dim) {
   return head_dim == 64 || head_dim == 96 || head_dim == 128 ||
          head_dim == 192 || head_dim == 256;
