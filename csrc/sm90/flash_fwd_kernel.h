@@ -135,6 +135,34 @@ struct TensorCoreTurns {
   }
 };
 
+// A work tile as the producer and the consumers both derive it from its
+// index: its place, its batch row's mask and the K/V tiles [n_lo(), n_hi()]
+// holding the keys [key_lo, key_hi) some of its rows see. The producer must
+// load exactly the K/V tiles the consumers compute, so both take them here.
+template <int kBlockM, int kBlockN>
+struct WorkTile {
+  FwdTile w;
+  int m0;  // first query row
+  AttentionMask mask;
+  int key_lo, key_hi;
+
+  __device__ __forceinline__ static WorkTile make(const FwdParams& p,
+                                                  int tile, int num_m_blocks,
+                                                  int section_rows) {
+    WorkTile t;
+    t.w = FwdTile::make(tile, num_m_blocks, p.num_heads, p.batch,
+                        section_rows);
+    t.m0 = t.w.m_block * kBlockM;
+    t.mask = AttentionMask::make(p, t.w.b);
+    t.key_lo = t.mask.key_begin(t.m0);
+    t.key_hi = t.mask.key_end(t.m0 + kBlockM);
+    return t;
+  }
+  __device__ __forceinline__ bool has_keys() const { return key_lo < key_hi; }
+  __device__ __forceinline__ int n_lo() const { return key_lo / kBlockN; }
+  __device__ __forceinline__ int n_hi() const { return (key_hi - 1) / kBlockN; }
+};
+
 // Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h): the
 // tile sees no key.
 template <typename Traits>
@@ -250,13 +278,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
         return;
       }
       smem.tile[qs] = tile;  // published by the arrival on q_full (release)
-      const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads,
-                                      p.batch, section_rows);
-      const int m0 = w.m_block * kBlockM;
-      const AttentionMask mask = AttentionMask::make(p, w.b);
-      const int key_lo = mask.key_begin(m0);
-      const int key_hi = mask.key_end(m0 + kBlockM);
-      if (key_lo >= key_hi) {  // no key to load; the consumers write zeros
+      const auto t = WorkTile<kBlockM, kBlockN>::make(p, tile, num_m_blocks,
+                                                      section_rows);
+      const FwdTile w = t.w;
+      if (!t.has_keys()) {  // no key to load; the consumers write zeros
         smem.q_full[qs].arrive();
         tile = next;
         continue;
@@ -286,9 +311,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
                    smem.q_full[qs]),
                0),
            tQg, tQs(_, qs));
-      const int n_lo = key_lo / kBlockN;
-      const int n_hi = (key_hi - 1) / kBlockN;
-      for (int n = n_hi; n >= n_lo; --n) {
+      const int n_lo = t.n_lo();
+      for (int n = t.n_hi(); n >= n_lo; --n) {
         pipeline_k.producer_acquire(write);
         copy(params.tma_k.with(*pipeline_k.producer_get_barrier(write), 0),
              tKg(_, n), tKs(_, write.index()));
@@ -348,19 +372,18 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     smem.q_full[qs].wait((it / Traits::kQStages) & 1);
     const int tile = smem.tile[qs];
     if (tile == kNoTile) break;
-    const FwdTile w = FwdTile::make(tile, num_m_blocks, p.num_heads,
-                                      p.batch, section_rows);
-    const int m0 = w.m_block * kBlockM;
-    const AttentionMask mask = AttentionMask::make(p, w.b);
-    const int key_lo = mask.key_begin(m0);
-    const int key_hi = mask.key_end(m0 + kBlockM);
-    if (key_lo >= key_hi) {
+    const auto t = WorkTile<kBlockM, kBlockN>::make(p, tile, num_m_blocks,
+                                                    section_rows);
+    const FwdTile w = t.w;
+    const int m0 = t.m0;
+    const AttentionMask mask = t.mask;
+    if (!t.has_keys()) {
       smem.q_empty[qs].arrive();
       write_empty_tile<Traits>(p, w.b, w.h, m0, tid, Traits::kConsumerThreads);
       continue;
     }
-    const int n_lo = key_lo / kBlockN;
-    const int n_hi = (key_hi - 1) / kBlockN;
+    const int n_lo = t.n_lo();
+    const int n_hi = t.n_hi();
     const ScoreMod score_mod = ScoreMod::make(p, w.b, w.h, mask);
     // Tiles wholly inside the unmasked key range skip the per-element mask.
     int free_lo, free_hi;

@@ -128,9 +128,8 @@ def default_grid() -> list[Case]:
   128): B = 4 with one new token at Sk 8k/32k/128k, B = 64 at Sk 4k, four
   speculative tokens, and paged caches of blocks of 16 and 64.
   """
-  seq_lens = SEQ_LENS
   decode_lens = (8192, 32768, 131072)
-  return (training_cases((128,), seq_lens)
+  return (training_cases((128,), SEQ_LENS)
           + training_cases((128,), (1024, 4096, 16384), kind="gqa",
                            group=GQA_GROUP)
           + decode_cases(decode_lens)
@@ -138,7 +137,7 @@ def default_grid() -> list[Case]:
           + decode_cases(decode_lens, q_len=4)
           + decode_cases(decode_lens, page_size=16)
           + decode_cases(decode_lens, page_size=64)
-          + training_cases((64, 256), seq_lens))
+          + training_cases((64, 256), SEQ_LENS))
 
 
 def quick_grid() -> list[Case]:
