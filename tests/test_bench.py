@@ -264,3 +264,21 @@ def test_looped_program_returns_set_0s_output(n_sets):
   assert result.calls_per_round == 4
   with pytest.raises(ValueError, match="forward only"):
     jax_runner.compile_mode(attend, case, "bwd", repeat=4)
+
+
+def test_head_dims_select_and_add_cases_of_every_kind():
+  args = bench_main.parse_args(["--kinds", "mha,decode", "--head-dims",
+                                "96,256"])
+  chosen = bench_main.select_cases(args)
+  assert {c.head_dim for c in chosen} == {96, 256}
+  decode = [c for c in chosen if c.kind == "decode"]
+  assert sorted((c.head_dim, c.kv_len) for c in decode) == sorted(
+      (d, s) for d in (96, 256) for s in cases.DECODE_LENS)
+  assert all(c.batch == 4 and c.q_len == 1 and not c.page_size
+             for c in decode)
+  mha = [c for c in chosen if c.kind == "mha"]
+  assert {c.q_len for c in mha if c.head_dim == 96} == set(cases.SEQ_LENS)
+  # Without --head-dims the grid is unchanged: decoding at D = 128 only.
+  every = bench_main.select_cases(bench_main.parse_args(["--kinds",
+                                                         "decode"]))
+  assert {c.head_dim for c in every} == {128}

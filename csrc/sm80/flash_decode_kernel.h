@@ -457,6 +457,20 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
     const int stage = n % kStages;
     const int next = n + kStages - 1;
     if constexpr (kTensor) {
+      // Every warp is done with tile n - 1, so its stage takes tile n +
+      // kStages - 1 now, before tile n has landed: kStages tiles stay in
+      // flight while the warps wait, instead of kStages - 1.
+      __syncthreads();
+      if constexpr (kPagedTensor) {
+        if (next < num_tiles && tid < copies) {
+          load_kv_tensor(next, next % kStages, pending_block);
+          pending_block = block_for(next + 1);
+        }
+      } else {
+        if (next < num_tiles && tid == 0) {
+          load_kv_tensor(next, next % kStages, b);
+        }
+      }
       StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
       // V rows that were not copied, or hold what the cache holds past the
       // split's keys (perhaps not finite, and 0 * inf is NaN), are zeroed
@@ -485,22 +499,12 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
         }
         // Ordered before the tensor copy that next fills this stage.
         fence_shared_for_bulk_copy();
-      }
-      __syncthreads();  // tile n ready, every warp done with tile n - 1
-      if constexpr (kPagedTensor) {
-        if (next < num_tiles && tid < copies) {
-          load_kv_tensor(next, next % kStages, pending_block);
-          pending_block = block_for(next + 1);
-        }
-      } else {
-        if (next < num_tiles && tid == 0) {
-          load_kv_tensor(next, next % kStages, b);
-        }
+        __syncthreads();  // the zeros, before any warp reads tile n
       }
     } else if constexpr (kBulk) {
-      StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
-      __syncthreads();  // and every warp is done with tile n - 1
+      __syncthreads();  // every warp is done with tile n - 1
       if (next < num_tiles) load_kv_bulk(next, next % kStages);
+      StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
     } else {
       cp_async_wait<kStages - 2>();  // tile n (and Q) have landed
       __syncthreads();               // and every warp is done with tile n - 1

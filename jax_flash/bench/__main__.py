@@ -45,9 +45,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument("--kinds", type=_names, default=["mha", "gqa", "decode"],
                       help="comma-separated subset of mha,gqa,decode")
   parser.add_argument("--head-dims", type=_ints,
-                      help="restrict MHA/GQA cases to these D; a D outside "
+                      help="restrict the cases to these D; a D outside "
                       "the grid (64, 128, 256) adds MHA cases at the grid's "
-                      "S values")
+                      "S values, and one other than 128 adds decoding cases "
+                      "(B = 4, one new token, the grid's Sk values)")
   parser.add_argument("--seqlens", type=_ints,
                       help="restrict MHA/GQA cases to these S")
   parser.add_argument("--masks", choices=["both", "full", "causal"],
@@ -83,14 +84,19 @@ def select_cases(args: argparse.Namespace) -> list[grid.Case]:
     in_grid = {case.head_dim for case in chosen if case.kind == "mha"}
     extra = tuple(d for d in args.head_dims if d not in in_grid)
     chosen = chosen + grid.training_cases(extra, grid.SEQ_LENS)
+    decode_dims = {case.head_dim for case in chosen if case.kind == "decode"}
+    for d in args.head_dims:
+      if d not in decode_dims:
+        chosen = chosen + grid.decode_cases(grid.DECODE_LENS, head_dim=d)
   masks = {"both": (False, True), "full": (False,), "causal": (True,)}[args.masks]
   def keep(case: grid.Case) -> bool:
     if case.kind not in args.kinds:
       return False
+    if args.head_dims is not None and case.head_dim not in args.head_dims:
+      return False
     if case.kind == "decode":
       return True
     return (case.causal in masks
-            and (args.head_dims is None or case.head_dim in args.head_dims)
             and (args.seqlens is None or case.q_len in args.seqlens))
   return [case for case in chosen if keep(case)]
 

@@ -119,6 +119,9 @@ def decode_cases(kv_lens: tuple[int, ...], *, batch: int = 4,
 SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 """S of the published grid's MHA cases."""
 
+DECODE_LENS = (8192, 32768, 131072)
+"""Sk of the published grid's decoding cases."""
+
 
 def default_grid() -> list[Case]:
   """The published grid, the headline D = 128 cases first.
@@ -128,7 +131,7 @@ def default_grid() -> list[Case]:
   128): B = 4 with one new token at Sk 8k/32k/128k, B = 64 at Sk 4k, four
   speculative tokens, and paged caches of blocks of 16 and 64.
   """
-  decode_lens = (8192, 32768, 131072)
+  decode_lens = DECODE_LENS
   return (training_cases((128,), SEQ_LENS)
           + training_cases((128,), (1024, 4096, 16384), kind="gqa",
                            group=GQA_GROUP)
