@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -282,3 +283,22 @@ def test_head_dims_select_and_add_cases_of_every_kind():
   every = bench_main.select_cases(bench_main.parse_args(["--kinds",
                                                          "decode"]))
   assert {c.head_dim for c in every} == {128}
+
+
+def test_decoding_tables_keep_head_dims_apart():
+  def record(head_dim, impl, gbps):
+    case = cases.Case("decode", 4, 1, 8192, 32, 8, head_dim, False)
+    return {"case": dataclasses.asdict(case), "mode": "fwd", "impl": impl,
+            "label": impl, "ours": impl == "ours", "status": "ok",
+            "gbps": gbps, "tflops": 1.0}
+  records = [record(64, "ours", 1000.0), record(64, "other", 500.0),
+             record(256, "ours", 3000.0), record(256, "other", 2000.0)]
+  text = report.markdown(records, {
+      "date": "2026-01-01", "device": "test", "gpu": None, "backend": "cpu",
+      "versions": {}, "command": "x"})
+  d64, d256 = text.split("D = 64)")[1].split("D = 256)")
+  assert "| 1000 | 500 | 2.00× |" in d64 and "3000" not in d64
+  assert "| 3000 | 2000 | 1.50× |" in d256
+  lines = report.summary(records).splitlines()
+  assert any("D=64" in l and "2.00×" in l for l in lines)
+  assert any("D=256" in l and "1.50×" in l for l in lines)

@@ -67,8 +67,8 @@ def test_compare_libraries_pairs_problems_and_finds_the_best_other():
           for r in rows] == [(32768, 3000.0, 3300.0, None),
                              (8192, 2000.0, 2200.0, 2500.0)]
   table = tool.markdown(rows)
-  assert "| decode B=4 Sq=1 contiguous Sk=8192 | GB/s | 2000 | 2200 | 1.100 " \
-         "| 2500 | 0.880 |" in table
+  assert ("| decode B=4 Sq=1 contiguous Sk=8192 D=128 | GB/s | 2000 | 2200 "
+          "| 1.100 | 2500 | 0.880 |") in table
   assert "| 3000 | 3300 | 1.100 | - | - |" in table
 
 

@@ -173,12 +173,17 @@ def markdown(records: list[Record], environment: dict[str, Any]) -> str:
       if not chosen:
         continue
       if kind == "decode":
-        case = chosen[0]["case"]
-        lines += [f"### {KIND_TITLES[kind]}, GB/s of K/V read "
-                  f"(H = {case['heads']}, Hkv = {case['kv_heads']}, "
-                  f"D = {case['head_dim']})", ""]
-        lines += _table(chosen, _decode_row, ["B", "Sq", "cache", "Sk"],
-                        "gbps")
+        # One table per head shape: rows are keyed by B, Sq, cache and Sk.
+        shapes: dict[tuple, list[Record]] = collections.OrderedDict()
+        for r in chosen:
+          c = r["case"]
+          shapes.setdefault((c["heads"], c["kv_heads"], c["head_dim"]),
+                            []).append(r)
+        for (heads, kv_heads, head_dim), group in shapes.items():
+          lines += [f"### {KIND_TITLES[kind]}, GB/s of K/V read "
+                    f"(H = {heads}, Hkv = {kv_heads}, D = {head_dim})", ""]
+          lines += _table(group, _decode_row, ["B", "Sq", "cache", "Sk"],
+                          "gbps")
       else:
         case = chosen[0]["case"]
         group = (f" ({case['heads'] // case['kv_heads']} query heads per K/V "
@@ -197,7 +202,8 @@ def summary(records: list[Record]) -> str:
   for record in records:
     kind = record["case"]["kind"]
     if kind == "decode":
-      problem = "decoding B={} Sq={} {} Sk={}".format(*_decode_row(record))
+      problem = "decoding B={} Sq={} {} Sk={} D={}".format(
+          *_decode_row(record), record["case"]["head_dim"])
     else:
       problem = "{} D={} {} S={}".format(KIND_TITLES[kind],
                                          *_training_row(record))

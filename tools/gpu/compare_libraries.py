@@ -113,7 +113,7 @@ def _label(case: dict, mode: str) -> str:
     cache = (f"paged {case['page_size']}" if case.get("page_size")
              else "contiguous")
     return (f"decode B={case['batch']} Sq={case['q_len']} {cache} "
-            f"Sk={case['kv_len']}")
+            f"Sk={case['kv_len']} D={case['head_dim']}")
   mask = "causal" if case.get("causal") else "full"
   return (f"{case['kind']} D={case['head_dim']} {mask} S={case['q_len']} "
           f"{mode}")
