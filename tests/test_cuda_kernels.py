@@ -238,15 +238,20 @@ def test_head_dim_256(monkeypatch, arch, options, parts):
     (192, dict(softcap=5.0, deterministic=True),
      dict(alibi=True, lengths=True)),
     (160, dict(causal=True), dict(segments=True)),
+    (160, dict(window_left=100, deterministic=True),
+     dict(alibi=True, lengths=True)),
     (224, {}, dict(lengths=True)),
+    (224, dict(causal=True, softcap=5.0, deterministic=True),
+     dict(alibi=True, segments=True)),
 ])
 def test_head_dims_between_powers_of_two(monkeypatch, arch, d, options,
                                          parts):
   """D = 96 and 192 on the sm90 backward (128 keys a CTA at 96, K and V in
   32-byte swizzle atoms for dQ's 48 columns; split-D with two Q/dO stages at
-  192, every row in 64-byte atoms for the 96-column halves) and 160 and 224
-  on the sm90 forward (wgmma N = 160 and 224 in its P V product; their
-  backward is the sm80 kernel's): masks,
+  192, every row in 64-byte atoms for the 96-column halves), 160 and 224
+  on it too (split-D, 32-byte atoms for the 80- and 112-column halves; one
+  Q/dO stage at 224) and on the sm90 forward (wgmma N = 160 and 224 in its
+  P V product): masks,
   score modifiers, GQA 4:1, lengths that end inside a tile, deterministic
   dalibi (bitwise repeated). Both archs where built (sm80 elsewhere)."""
   monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)

@@ -38,16 +38,17 @@ constexpr int bwd_stages(int head_dim) { return head_dim > 192 ? 1 : 2; }
 
 // Head dims the kernel is written for; the others keep the sm80 backward.
 // D = 96 runs the D = 128 plan (dK + dV: 96 registers a consumer thread;
-// K and V in 32-byte swizzle atoms), D = 192 the split-D one (96 columns
-// per warpgroup; Q, dO, K and V in 64-byte atoms); flash_bwd_kernel_traits.h
-// says why. Both compile without spills. 160 and 224 are not here: added to
-// this list they compile as they are (split-D, 32-byte atoms throughout for
-// their halves of 80 and 112 columns; one Q/dO stage at 224), but D = 224
-// then spills (57 local loads and stores in the SASS), and neither has run
-// on a GPU.
+// K and V in 32-byte swizzle atoms), D = 160, 192 and 224 the split-D one
+// (80, 96 and 112 columns per warpgroup; 32-byte atoms at 160 and 224,
+// 64-byte ones at 192; one Q/dO stage at 224); flash_bwd_kernel_traits.h
+// says why. All compile without spills but D = 224 (57 local loads and
+// stores in its SASS), which still runs 1.6-1.8x the sm80 backward on an
+// H200, at 0.73-0.87x of cuDNN's; D = 160 runs 1.9-2.2x the sm80 one and
+// 1.4-1.6x cuDNN's (docs/performance.md).
 constexpr bool bwd_supports_head_dim(int head_dim) {
   return head_dim == 64 || head_dim == 96 || head_dim == 128 ||
-         head_dim == 192 || head_dim == 256;
+         head_dim == 160 || head_dim == 192 || head_dim == 224 ||
+         head_dim == 256;
 }
 
 // One producer warpgroup (one thread issues every TMA) and two consumers.

@@ -16,13 +16,13 @@ DIRECTION_HEAD_DIMS = {"decode": (64, 128, 256)}
 reads K/V caches in place, so a head dim it lacks is not padded (that would
 copy the cache) but served by the forward kernel instead."""
 
-ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (64, 96, 128, 192, 256)}
+ARCH_DIRECTION_HEAD_DIMS = {(90, "bwd"): (64, 96, 128, 160, 192, 224, 256)}
 """(arch, direction) pairs built for fewer head dims than their direction.
-The sm90 backward is built at D = 64, 96, 128, 192 and 256
-(csrc/sm90/bwd_tile_size.h; D = 192 and 256 with its split-D schedule),
-where it runs 1.4-1.5x, 1.7-2.1x, 1.7-1.9x, 1.8-2.2x and 2.4-2.8x the sm80
-one on an H200 (docs/performance.md); the other head dims run the sm80
-backward on sm90 GPUs."""
+The sm90 backward is built at D = 64, 96, 128, 160, 192, 224 and 256
+(csrc/sm90/bwd_tile_size.h; D > 128 with its split-D schedule), where it
+runs 1.4-1.5x, 1.7-2.1x, 1.7-1.9x, 1.9-2.2x, 1.8-2.2x, 1.6-1.8x and
+2.4-2.8x the sm80 one on an H200 (docs/performance.md); D = 32 runs the
+sm80 backward on sm90 GPUs."""
 
 KERNEL_ARCHS = (80, 90)
 """The architectures kernels are written for, the first axis of every

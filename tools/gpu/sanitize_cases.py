@@ -106,9 +106,17 @@ def main() -> None:
       ("alibi+segments d192 deterministic", 192,
        AttentionConfig(192 ** -0.5, causal=True, deterministic=True),
        segments._replace(alibi_slopes=alibi.alibi_slopes)),
+      # Split-D with 32-byte swizzled rows at D = 160 and 224 (one Q/dO
+      # stage at 224).
+      ("window+lengths d160", 160,
+       AttentionConfig(160 ** -0.5, window_left=40, window_right=10),
+       lengths),
+      ("alibi+softcap d224 deterministic", 224,
+       AttentionConfig(224 ** -0.5, causal=True, softcap=5.0,
+                       deterministic=True), alibi),
   ]
   if args.small:
-    cases = [cases[i] for i in (0, 1, 4, 5, 6, 7, 8, 9, 10, 11)]
+    cases = [cases[i] for i in (0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)]
   for name, d, config, masks in cases:
     if not _built(d):
       continue
