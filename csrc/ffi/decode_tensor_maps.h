@@ -30,9 +30,9 @@ namespace jax_flash {
 // keys, then the next 128, and with 256-byte promotion every first read
 // fetched the second half as well, a box ahead of its use. Without it (or
 // with 128-byte promotion, which measured the same) the decoding kernel
-// read the cache 5-10% faster on an H200 (B = 4, Sq = 1, 32 query over 8
-// K/V heads, D = 128: 3768 to 4113 GB/s at 32k keys, 4076 to 4490 at 128k;
-// paged caches +5%; docs/performance.md).
+// read the cache 3-11% faster on an H200 (B = 4, 32 query over 8 K/V
+// heads, D = 128; Sq = 1: 3768 to 4113 GB/s at 32k keys, 4076 to 4490 at
+// 128k; paged caches +3-8%; docs/performance.md).
 inline void make_kv_cache_tensor_maps(DecodeParams* p, bool is_bf16) {
   p->use_tensor_maps = false;
   if (p->arch < 90 || p->head_dim % 64 != 0) return;

@@ -456,22 +456,31 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
   for (int n = 0; n < num_tiles; ++n) {
     const int stage = n % kStages;
     const int next = n + kStages - 1;
-    if constexpr (kTensor) {
+    if constexpr (kBarriers) {
       // Every warp is done with tile n - 1, so its stage takes tile n +
       // kStages - 1 now, before tile n has landed: kStages tiles stay in
       // flight while the warps wait, instead of kStages - 1.
       __syncthreads();
-      if constexpr (kPagedTensor) {
-        if (next < num_tiles && tid < copies) {
-          load_kv_tensor(next, next % kStages, pending_block);
-          pending_block = block_for(next + 1);
-        }
-      } else {
-        if (next < num_tiles && tid == 0) {
-          load_kv_tensor(next, next % kStages, b);
+      if (next < num_tiles) {
+        if constexpr (kPagedTensor) {
+          if (tid < copies) {
+            load_kv_tensor(next, next % kStages, pending_block);
+            pending_block = block_for(next + 1);
+          }
+        } else if constexpr (kTensor) {
+          if (tid == 0) load_kv_tensor(next, next % kStages, b);
+        } else {
+          load_kv_bulk(next, next % kStages);
         }
       }
       StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
+    } else {
+      cp_async_wait<kStages - 2>();  // tile n (and Q) have landed
+      __syncthreads();               // and every warp is done with tile n - 1
+      if (next < num_tiles) load_kv(next, next % kStages);
+      cp_async_commit();
+    }
+    if constexpr (kTensor) {
       // V rows that were not copied, or hold what the cache holds past the
       // split's keys (perhaps not finite, and 0 * inf is NaN), are zeroed
       // before any warp reads them: the rows from key_hi on in the last
@@ -501,15 +510,6 @@ flash_decode_kernel(const __grid_constant__ DecodeParams p) {
         fence_shared_for_bulk_copy();
         __syncthreads();  // the zeros, before any warp reads tile n
       }
-    } else if constexpr (kBulk) {
-      __syncthreads();  // every warp is done with tile n - 1
-      if (next < num_tiles) load_kv_bulk(next, next % kStages);
-      StageBarrier::wait(&full[stage], (n / kStages) & 1);  // tile n landed
-    } else {
-      cp_async_wait<kStages - 2>();  // tile n (and Q) have landed
-      __syncthreads();               // and every warp is done with tile n - 1
-      if (next < num_tiles) load_kv(next, next % kStages);
-      cp_async_commit();
     }
     const T* k_tile =
         reinterpret_cast<const T*>(smem_raw + stage * Traits::kTileBytes);

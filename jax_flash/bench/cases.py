@@ -131,15 +131,14 @@ def default_grid() -> list[Case]:
   128): B = 4 with one new token at Sk 8k/32k/128k, B = 64 at Sk 4k, four
   speculative tokens, and paged caches of blocks of 16 and 64.
   """
-  decode_lens = DECODE_LENS
   return (training_cases((128,), SEQ_LENS)
           + training_cases((128,), (1024, 4096, 16384), kind="gqa",
                            group=GQA_GROUP)
-          + decode_cases(decode_lens)
+          + decode_cases(DECODE_LENS)
           + decode_cases((4096,), batch=64)
-          + decode_cases(decode_lens, q_len=4)
-          + decode_cases(decode_lens, page_size=16)
-          + decode_cases(decode_lens, page_size=64)
+          + decode_cases(DECODE_LENS, q_len=4)
+          + decode_cases(DECODE_LENS, page_size=16)
+          + decode_cases(DECODE_LENS, page_size=64)
           + training_cases((64, 256), SEQ_LENS))
 
 
