@@ -20,7 +20,9 @@
 namespace jax_flash {
 namespace sm90 {
 
-template <typename T_, int kHeadDim_>
+// kBlockN_: keys per K/V tile, fwd_block_n(D) unless the launch takes
+// fwd_long_block_n(D).
+template <typename T_, int kHeadDim_, int kBlockN_ = fwd_block_n(kHeadDim_)>
 struct FwdKernelTraits {
   using T = T_;  // __nv_bfloat16 or __half, as the FFI handlers name it
   // The same type as CuTe's GMMA and TMA atoms name it.
@@ -29,7 +31,7 @@ struct FwdKernelTraits {
   static_assert(sizeof(Element) == sizeof(T), "same 16-bit storage");
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = fwd_block_m(kHeadDim);
-  static constexpr int kBlockN = fwd_block_n(kHeadDim);
+  static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = fwd_stages(kHeadDim);
   static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
   static constexpr bool kPersistent = fwd_persistent(kHeadDim);

@@ -76,6 +76,24 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
       make_kernel_params<Traits>(p));
 }
 
+// The plain variant: with fwd_long_block_n(D) keys per K/V tile where the
+// head dim has them, the mask has no bound right of the diagonal (no causal
+// or right window bound) or the keys are at least kFwdLongTileMinKeys, and
+// the device has the shared memory; otherwise fwd_block_n(D).
+template <typename T, int kHeadDim>
+void launch_fwd_sm90_plain(const FwdParams& p, cudaStream_t stream) {
+  constexpr int kLongBlockN = fwd_long_block_n(kHeadDim);
+  if constexpr (kLongBlockN > 0) {
+    using LongTraits = FwdKernelTraits<T, kHeadDim, kLongBlockN>;
+    if ((p.window_right < 0 || p.seqlen_k >= kFwdLongTileMinKeys) &&
+        LongTraits::kSmemBytes <= p.max_smem_per_block) {
+      launch_fwd_sm90<LongTraits, false, false>(p, stream);
+      return;
+    }
+  }
+  launch_fwd_sm90<FwdKernelTraits<T, kHeadDim>, false, false>(p, stream);
+}
+
 }  // namespace sm90
 
 // Computes out and lse for q, k, v of type T and head dim kHeadDim (= Dv) on
@@ -97,7 +115,7 @@ int run_mha_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   } else if (p.q_segment_ids != nullptr) {
     sm90::launch_fwd_sm90<Traits, false, true>(p, stream);
   } else {
-    sm90::launch_fwd_sm90<Traits, false, false>(p, stream);
+    sm90::launch_fwd_sm90_plain<T, kHeadDim>(p, stream);
   }
   return 0;
 }
