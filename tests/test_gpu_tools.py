@@ -103,3 +103,54 @@ def test_compare_libraries_averages_each_builds_runs():
   rows = tool.compare(base_1, new_1, ours, base_runs=[base_1, failed],
                       new_runs=[new_1, new_2])
   assert rows[0]["base"] is None
+
+
+def test_compare_libraries_runs_several_builds_in_a_palindrome():
+  tool = _load("compare_libraries")
+  assert tool.run_order(2, abba=True) == [0, 1, 1, 0]
+  assert tool.run_order(3, abba=True) == [0, 1, 2, 2, 1, 0]
+  assert tool.run_order(3, abba=False) == [0, 1, 2]
+  assert [tool._run_dir(b, r, 2) for b, r in ((0, 1), (1, 1), (1, 2),
+                                               (0, 2))] == [
+      "base", "new", "new_2", "base_2"]
+  assert tool._run_dir(2, 2, 3) == "new2_2"
+
+
+def test_compare_libraries_main_compares_each_build_with_the_base(
+    tmp_path, monkeypatch):
+  tool = _load("compare_libraries")
+  ours = "jax_flash_kvcache_cuda"
+  libraries = []
+  for name in ("base.so", "a.so", "b.so"):
+    (tmp_path / name).write_bytes(b"")
+    libraries.append(str(tmp_path / name))
+  speed = {"base.so": 2000.0, "a.so": 2200.0, "b.so": 1800.0}
+  calls = []
+
+  def fake_run(library, impls, out, bench_args):
+    calls.append((library.name, tuple(impls), out.name))
+    records = [_record(ours, value=speed[library.name] + len(calls))]
+    if "jax_cudnn" in impls:
+      records.append(_record("jax_cudnn", value=2500.0))
+    return records
+
+  monkeypatch.setattr(tool, "_run", fake_run)
+  out = tmp_path / "out"
+  out.mkdir()
+  assert tool.main([*libraries, "--out", str(out), "--abba", "--others",
+                    "jax_cudnn", "--", "--kinds", "decode"]) == 0
+  assert calls == [("base.so", (ours,), "base"),
+                   ("a.so", (ours, "jax_cudnn"), "new1"),
+                   ("b.so", (ours,), "new2"),
+                   ("b.so", (ours,), "new2_2"),
+                   ("a.so", (ours,), "new1_2"),
+                   ("base.so", (ours,), "base_2")]
+  table = (out / "comparison.md").read_text()
+  # Each build the mean of its runs (calls 2 and 5 for a.so, 3 and 4 for
+  # b.so, 1 and 6 for the base), the best other from a.so's first run.
+  assert "## a.so against base.so" in table
+  assert "| 2004 | 2204 | 1.100 | 2500 | 0.881 | 2001, 2006 | 2202, 2205 |" \
+      in table
+  assert "## b.so against base.so" in table
+  assert "| 2004 | 1804 | 0.900 | 2500 | 0.721 | 2001, 2006 | 1803, 1804 |" \
+      in table

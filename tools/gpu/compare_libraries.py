@@ -18,6 +18,11 @@ two runs: the second of two back-to-back processes has measured up to 10%
 faster at 1k tokens on an H200, which a plain base-then-new order credits to
 the new build. The table then also gives each build's two runs.
 
+Several builds under test (`base.so a.so b.so ...`) run in one order, the
+palindrome base, a, b, ..., b, a, base with `--abba` (else base, a, b, ...),
+and comparison.md holds one table per build against the base, each with the
+best of `--others` (run with the first run of the first build under test).
+
 Arguments after `--` go to the benchmark as they are (not --impls, --out or
 --no-plots, which this script sets). The table is TFLOP/s, GB/s for
 decoding cases.
@@ -151,6 +156,21 @@ def _run(library: pathlib.Path, impls: list[str], out: pathlib.Path,
   return json.loads((out / "results.json").read_text())["records"]
 
 
+def run_order(count: int, abba: bool) -> list[int]:
+  """The order in which builds 0 (the base) .. count - 1 run: each once, or
+  with `abba` twice in a palindrome (0, 1, ..., count - 1, count - 1, ...,
+  0), so that a drift between processes weighs on every build alike."""
+  order = list(range(count))
+  return order + order[::-1] if abba else order
+
+
+def _run_dir(build: int, run: int, builds: int) -> str:
+  """Output folder of a build's run: base, new, new_2, base_2 for two
+  builds; new1, new1_2, new2, ... for several under test."""
+  name = "base" if build == 0 else ("new" if builds == 2 else f"new{build}")
+  return name if run == 1 else f"{name}_{run}"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   bench_args: list[str] = []
@@ -159,7 +179,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv, bench_args = argv[:at], argv[at + 1:]
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("base", type=pathlib.Path, help="baseline library")
-  parser.add_argument("new", type=pathlib.Path, help="library under test")
+  parser.add_argument("new", type=pathlib.Path, nargs="+",
+                      help="libraries under test, each compared with base")
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--impl", default=None,
                       help="jax_flash's implementation to compare (default: "
@@ -175,24 +196,33 @@ def main(argv: Optional[list[str]] = None) -> int:
   for name in ("--impls", "--out", "--no-plots"):
     if name in bench_args:
       parser.error(f"{name} is set by this script, not after --")
-  for library in (args.base, args.new):
+  libraries = [args.base, *args.new]
+  for library in libraries:
     if not library.is_file():
       parser.error(f"no library at {library}")
   impl = args.impl or ("jax_flash_kvcache_cuda"
                        if "decode" in " ".join(bench_args)
                        else "jax_flash_cuda")
   others = [name for name in args.others.split(",") if name]
-  if args.abba:
-    base_1 = _run(args.base, [impl], args.out / "base", bench_args)
-    new = _run(args.new, [impl] + others, args.out / "new", bench_args)
-    new_2 = _run(args.new, [impl], args.out / "new_2", bench_args)
-    base_2 = _run(args.base, [impl], args.out / "base_2", bench_args)
-    table = markdown(compare(base_1, new, impl, base_runs=[base_1, base_2],
-                             new_runs=[new, new_2]))
-  else:
-    base = _run(args.base, [impl], args.out / "base", bench_args)
-    new = _run(args.new, [impl] + others, args.out / "new", bench_args)
-    table = markdown(compare(base, new, impl))
+  runs: list[list[list[Record]]] = [[] for _ in libraries]
+  for build in run_order(len(libraries), args.abba):
+    first_new = build == 1 and not runs[1]
+    runs[build].append(_run(
+        libraries[build], [impl] + (others if first_new else []),
+        args.out / _run_dir(build, len(runs[build]) + 1, len(libraries)),
+        bench_args))
+  other_records = [r for r in runs[1][0] if r["impl"] != impl]
+  tables = []
+  for build in range(1, len(libraries)):
+    new = runs[build][0] + (other_records if build > 1 else [])
+    rows = (compare(runs[0][0], new, impl, base_runs=runs[0],
+                    new_runs=runs[build]) if args.abba
+            else compare(runs[0][0], new, impl))
+    table = markdown(rows)
+    if len(libraries) > 2:
+      table = f"## {libraries[build].name} against {args.base.name}\n\n{table}"
+    tables.append(table)
+  table = "\n\n".join(tables)
   (args.out / "comparison.md").write_text(table + "\n")
   print(table)
   return 0
