@@ -32,7 +32,9 @@ constexpr int fwd_block_n(int head_dim) {
 // 4k / 16k, causal -9% / +2% / +6%, so causal calls take them only from
 // kFwdLongTileMinKeys keys on. The score-modifier and segment variants keep
 // 128 keys: at 176 they spill 288-344 bytes.
-constexpr int fwd_long_block_n(int head_dim) { return head_dim <= 64 ? 176 : 0; }
+constexpr int fwd_long_block_n(int head_dim) {
+  return head_dim <= 64 ? 176 : 0;
+}
 constexpr int kFwdLongTileMinKeys = 4096;
 
 // K and V buffers each: two, so that the TMA of tile n+1 runs under the
