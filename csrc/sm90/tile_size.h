@@ -23,17 +23,18 @@ constexpr int fwd_block_n(int head_dim) {
 }
 
 // Longer K/V tiles for the plain variant (no score modifier, no segment
-// ids) at D = 64: 176 keys, 0 where no head dim takes them. A D = 64 step's
-// two GEMMs are short, so its fixed costs (the row max and sum across a
-// quad, the pipelines' and the tensor-core turns' barriers) weigh more; 176
-// keys spread them over 37% more keys. Shared memory then holds two Q
-// buffers and three K/V stages in 165 KB. Measured on an H200 (bf16, 16k
-// tokens; TFLOP/s, 128 -> 176 keys): without a mask +0% / +4% / +6% at 1k /
-// 4k / 16k, causal -9% / +2% / +6%, so causal calls take them only from
-// kFwdLongTileMinKeys keys on. The score-modifier and segment variants keep
-// 128 keys: at 176 they spill 288-344 bytes.
+// ids) at D = 64: 176 keys; 0 (none) at every other head dim, D = 32 too
+// (not measured there). A D = 64 step's two GEMMs are short, so its fixed
+// costs (the row max and sum across a quad, the pipelines' and the
+// tensor-core turns' barriers) weigh more; 176 keys spread them over 37%
+// more keys. Shared memory then holds two Q buffers and three K/V stages
+// in 165 KB. Measured on an H200 (bf16, 16k tokens; TFLOP/s, 128 -> 176
+// keys): without a mask +0% / +4% / +6% at 1k / 4k / 16k, causal -9% / +2%
+// / +6%, so causal calls take them only from kFwdLongTileMinKeys keys on.
+// The score-modifier and segment variants keep 128 keys: at 176 they spill
+// 288-344 bytes.
 constexpr int fwd_long_block_n(int head_dim) {
-  return head_dim <= 64 ? 176 : 0;
+  return head_dim == 64 ? 176 : 0;
 }
 constexpr int kFwdLongTileMinKeys = 4096;
 
