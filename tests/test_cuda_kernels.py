@@ -95,6 +95,23 @@ def test_more_work_tiles_than_multiprocessors(options, parts):
   _check_masked(7, 2, 1100, 700, 16, 4, options, parts)
 
 
+@pytest.mark.parametrize("options,parts", [
+    (dict(causal=True), {}),
+    (dict(causal=True), dict(lengths=True)),
+    ({}, dict(lengths=True)),
+])
+def test_head_dim_64_long_key_tiles(options, parts):
+  """On Hopper the D = 64 forward's plain variant takes 176-key K/V tiles
+  without a bound right of the diagonal, and under one from 4,096 keys on
+  (csrc/sm90/tile_size.h): a causal diagonal across 176-key tiles with Sq <
+  Sk, a partial last tile (4,500 keys), lengths that end inside a tile."""
+  rng = np.random.default_rng(29)
+  q, k, v = _inputs(29, 2, 300, 4500, 4, 2, 64)
+  masks = make_masks(rng, 2, 300, 4500, 4, **parts)
+  check_against_reference(cuda.attention, q, k, v, _config(64, **options),
+                          masks)
+
+
 @pytest.mark.parametrize("d,dv", [(64, 64), (40, 40), (128, 64), (96, 128)])
 def test_padded_head_dims(d, dv):
   q, k, v = _inputs(3, 2, 77, 91, 4, 2, d, dv)
