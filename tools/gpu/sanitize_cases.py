@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from jax_flash import cuda  # noqa: E402
 from jax_flash.config import AttentionConfig, MaskArrays  # noqa: E402
-from jax_flash.cuda import library  # noqa: E402
+from jax_flash.cuda import decode, library  # noqa: E402
 
 
 def _built(d: int) -> bool:
@@ -37,7 +37,7 @@ def _built(d: int) -> bool:
 def _decode_built(d: int) -> bool:
   """Whether the loaded library has the bf16 decoding kernel at head dim d
   (the K/V-cache API's `implementation="cuda"` needs it exactly)."""
-  if not library.load().build_info.kernel_archs("decode", "bf16", d):
+  if not decode.built(jnp.bfloat16, d):
     print(f"skipped decoding at head dim {d}: not in this build", flush=True)
     return False
   return True
