@@ -95,19 +95,23 @@ def test_more_work_tiles_than_multiprocessors(options, parts):
   _check_masked(7, 2, 1100, 700, 16, 4, options, parts)
 
 
-@pytest.mark.parametrize("options,parts", [
-    (dict(causal=True), {}),
-    (dict(causal=True), dict(lengths=True)),
-    ({}, dict(lengths=True)),
+@pytest.mark.parametrize("options,parts,sk", [
+    (dict(causal=True), {}, 4500),
+    (dict(causal=True), dict(lengths=True), 4500),
+    ({}, dict(lengths=True), 4500),
+    ({}, {}, 1000),
+    (dict(causal=True), {}, 1000),
 ])
-def test_head_dim_64_long_key_tiles(options, parts):
-  """On Hopper the D = 64 forward's plain variant takes 176-key K/V tiles
-  without a bound right of the diagonal, and under one from 4,096 keys on
-  (csrc/sm90/tile_size.h): a causal diagonal across 176-key tiles with Sq <
-  Sk, a partial last tile (4,500 keys), lengths that end inside a tile."""
+def test_head_dim_64_three_warpgroup_tiles(options, parts, sk):
+  """On Hopper the D = 64 forward's plain variant runs 192-row query tiles
+  on three consumer warpgroups (csrc/sm90/tile_size.h), under a causal mask
+  only from 4,096 keys on (two warpgroups below): Sq = 300 is one whole
+  tile and one whose third warpgroup has no row inside the sequence, a
+  causal diagonal across the tiles with Sq < Sk, a partial last K/V tile,
+  lengths that end inside a tile."""
   rng = np.random.default_rng(29)
-  q, k, v = _inputs(29, 2, 300, 4500, 4, 2, 64)
-  masks = make_masks(rng, 2, 300, 4500, 4, **parts)
+  q, k, v = _inputs(29, 2, 300, sk, 4, 2, 64)
+  masks = make_masks(rng, 2, 300, sk, 4, **parts)
   check_against_reference(cuda.attention, q, k, v, _config(64, **options),
                           masks)
 

@@ -1,7 +1,8 @@
 // FlashAttention-3-style forward kernel for sm90 (TMA, wgmma, warp
 // specialization), persistent with a dynamic tile scheduler up to D = 128.
 //
-// Work tiles are (query tile of 128 rows, head, batch row) in the order of
+// Work tiles are (query tile of 64 rows per consumer warpgroup, head,
+// batch row) in the order of
 // FwdTile::make: within a head the query tiles from the last one down,
 // then the next head; under a causal mask (or any bound right of the
 // diagonal) the heads go in sections of about one GPU's worth of tiles, each
@@ -13,7 +14,7 @@
 // window of consecutive tiles (the K/V of a section's few heads, which stay
 // in L2) and no CTA idles while another holds a long tile. Otherwise (D > 128,
 // where the loop's state would spill) one CTA per tile, which claims no
-// other. Three warpgroups:
+// other. Three or four warpgroups:
 //   producer (warpgroup 0): one thread claims the tiles, hands each one to
 //     the consumers with its Q tile (q_full) in one of Traits::kQStages Q
 //     buffers once they are done with the tile that buffer held (q_empty),
@@ -22,14 +23,18 @@
 //     registers go to the consumers (setmaxnreg). With two Q buffers (the
 //     persistent grid) the next tile's Q, and its first K/V tiles as the
 //     stages free up, load while the consumers still compute this tile.
-//   consumers (warpgroups 1 and 2): 64 query rows each; per K/V tile
+//   consumers (warpgroups 1 and 2, and 3 in the plain variant at D = 64;
+//     tile_size.h says why): 64 query rows each; per K/V tile
 //     S = Q K^T (wgmma, both operands in shared memory), logits and masks,
 //     online softmax in registers, then O += P V with P converted in
 //     registers as wgmma's A operand and V read from shared memory.
-//     Inside a warpgroup the softmax of one tile runs while the tensor cores
-//     compute the next tile's S and the previous tile's P V; across the two
+//     The source lets a warpgroup's softmax of one tile run while the
+//     tensor cores compute the next tile's S and the previous tile's P V;
+//     ptxas keeps that only in the score-modifier variant and elsewhere
+//     moves the wait for P V above the softmax (pinning it below measured
+//     0-8% slower with the turns: docs/performance.md). Across the
 //     warpgroups, named barriers take turns on the tensor cores so that one
-//     warpgroup's softmax overlaps the other's GEMMs (FlashAttention-3's
+//     warpgroup's softmax overlaps another's GEMMs (FlashAttention-3's
 //     intra-warpgroup pipelining and ping-pong scheduling, arXiv 2407.08608).
 // The epilogue divides O by the row sums and writes O through shared memory
 // (the tile's Q buffer) in 16-byte row chunks, and lse from registers.
@@ -94,24 +99,28 @@ __device__ __forceinline__ void warpgroup_gemm_issue(Mma& mma,
 }
 
 // Named barriers of the consumer warpgroups (CUTLASS numbering, past its
-// reserved ones): the turns take 0 and 1 (TensorCoreTurns), each warpgroup's
-// epilogue 2 + its index.
-constexpr uint32_t kEpilogueBarrier = 2;
+// reserved ones): the turns take 0 .. 2 (TensorCoreTurns, one per consumer
+// warpgroup), each warpgroup's epilogue 3 + its index.
+constexpr uint32_t kEpilogueBarrier = 3;
 
-// Turn-taking of the two consumer warpgroups on the tensor cores
-// ("ping-pong"): a warpgroup issues its GEMMs only in its turn and hands the
-// turn over once they are issued, so that one warpgroup's softmax runs while
-// the other's GEMMs occupy the tensor cores. Two named barriers, one per
-// warpgroup, each completed by 128 threads waiting and 128 arriving.
-template <bool kEnabled>
+// Turn-taking of the consumer warpgroups on the tensor cores ("ping-pong",
+// round robin with three): a warpgroup issues its GEMMs only in its turn
+// and hands the turn to the next one once they are issued, so that one
+// warpgroup's softmax runs while another's GEMMs occupy the tensor cores.
+// One named barrier per warpgroup, each completed by 128 threads waiting
+// (its warpgroup) and 128 arriving (the one before it).
+template <bool kEnabled, int kWarpgroups>
 struct TensorCoreTurns {
+  static_assert(kWarpgroups == 2 || kWarpgroups == 3, "two or three");
   static constexpr uint32_t kThreads = 256;
-  int warpgroup;  // consumer warpgroup, 0 or 1
+  int warpgroup;  // consumer warpgroup, 0 .. kWarpgroups - 1
 
   // Warpgroup 0 takes the first turn.
   __device__ __forceinline__ void start() const {
     if constexpr (kEnabled) {
-      if (warpgroup == 1) cutlass::arch::NamedBarrier::arrive(kThreads, 0);
+      if (warpgroup == kWarpgroups - 1) {
+        cutlass::arch::NamedBarrier::arrive(kThreads, 0);
+      }
     }
   }
   __device__ __forceinline__ void wait_turn() const {
@@ -121,13 +130,14 @@ struct TensorCoreTurns {
   }
   __device__ __forceinline__ void pass_turn() const {
     if constexpr (kEnabled) {
-      cutlass::arch::NamedBarrier::arrive(kThreads, 1 - warpgroup);
+      cutlass::arch::NamedBarrier::arrive(
+          kThreads, warpgroup + 1 == kWarpgroups ? 0 : warpgroup + 1);
     }
   }
-  // After the last tile: warpgroup 0 takes the turn warpgroup 1 handed over
-  // last, which leaves both barriers with as many arrivals as waits (both
-  // warpgroups take the same number of turns, one per GEMM batch of the
-  // same tiles).
+  // After the last tile: warpgroup 0 takes the turn the last warpgroup
+  // handed over last, which leaves every barrier with as many arrivals as
+  // waits (all warpgroups take the same number of turns, one per GEMM
+  // batch of the same tiles).
   __device__ __forceinline__ void finish() const {
     if constexpr (kEnabled) {
       if (warpgroup == 0) cutlass::arch::NamedBarrier::sync(kThreads, 0);
@@ -244,7 +254,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
 
   if (warpgroup == 0) {
     // ---- producer ----
-    cutlass::arch::warpgroup_reg_dealloc<kFwdProducerRegisters>();
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     if (threadIdx.x != 0) return;
     const int num_tiles = num_m_blocks * p.num_heads * p.batch;
     auto shape = [](int s, int heads, const FwdParams& q) {
@@ -326,7 +336,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   }
 
   // ---- consumers ----
-  cutlass::arch::warpgroup_reg_alloc<kFwdConsumerRegisters>();
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
   const int tid = threadIdx.x - 128;  // 0 .. kConsumerThreads - 1
   typename Traits::MmaS mma_s;
   typename Traits::MmaO mma_o;
@@ -352,7 +362,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   using Masked = cute::true_type;
   using Unmasked = cute::false_type;
 
-  const TensorCoreTurns<Traits::kPingPong> turns{warpgroup - 1};
+  const TensorCoreTurns<Traits::kPingPong, Traits::kConsumerWarpgroups> turns{
+      warpgroup - 1};
   turns.start();
   float rescale[kRows];
   Tensor rP = make_tensor<Element>(

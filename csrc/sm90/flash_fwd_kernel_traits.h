@@ -20,9 +20,10 @@
 namespace jax_flash {
 namespace sm90 {
 
-// kBlockN_: keys per K/V tile, fwd_block_n(D) unless the launch takes
-// fwd_long_block_n(D).
-template <typename T_, int kHeadDim_, int kBlockN_ = fwd_block_n(kHeadDim_)>
+// kConsumerWarpgroups_: 64 query rows each (the plain variant's launch may
+// take fwd_plain_consumer_warpgroups(D)).
+template <typename T_, int kHeadDim_,
+          int kConsumerWarpgroups_ = kFwdConsumerWarpgroups>
 struct FwdKernelTraits {
   using T = T_;  // __nv_bfloat16 or __half, as the FFI handlers name it
   // The same type as CuTe's GMMA and TMA atoms name it.
@@ -30,17 +31,19 @@ struct FwdKernelTraits {
                                      cutlass::bfloat16_t, cutlass::half_t>;
   static_assert(sizeof(Element) == sizeof(T), "same 16-bit storage");
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = fwd_block_m(kHeadDim);
-  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kConsumerWarpgroups = kConsumerWarpgroups_;
+  static constexpr int kBlockM = 64 * kConsumerWarpgroups;
+  static constexpr int kBlockN = fwd_block_n(kHeadDim);
   static constexpr int kStages = fwd_stages(kHeadDim);
   static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
   static constexpr bool kPersistent = fwd_persistent(kHeadDim);
   static constexpr int kQStages = fwd_q_stages(kHeadDim);
-  static constexpr int kConsumerWarpgroups = kFwdConsumerWarpgroups;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * 128;
-  static constexpr int kThreads = kFwdThreads;
-  static_assert(kBlockM == 64 * kConsumerWarpgroups,
-                "one 64-row wgmma slab per consumer warpgroup");
+  static constexpr int kThreads = fwd_threads(kConsumerWarpgroups);
+  static constexpr int kProducerRegisters =
+      fwd_producer_registers(kConsumerWarpgroups);
+  static constexpr int kConsumerRegisters =
+      fwd_consumer_registers(kConsumerWarpgroups);
   static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0, "k16 steps");
 
   using TileShape = cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>,

@@ -76,18 +76,18 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
       make_kernel_params<Traits>(p));
 }
 
-// The plain variant: with fwd_long_block_n(D) keys per K/V tile where the
-// head dim has them, the mask has no bound right of the diagonal (no causal
-// or right window bound) or the keys are at least kFwdLongTileMinKeys, and
-// the device has the shared memory; otherwise fwd_block_n(D).
+// The plain variant: on fwd_plain_consumer_warpgroups(D) consumer
+// warpgroups where the mask has no bound right of the diagonal (no causal
+// or right window bound) or the keys are at least kFwdTallTileMinKeys, and
+// the device has the shared memory for their taller Q tile; else on two.
 template <typename T, int kHeadDim>
 void launch_fwd_sm90_plain(const FwdParams& p, cudaStream_t stream) {
-  constexpr int kLongBlockN = fwd_long_block_n(kHeadDim);
-  if constexpr (kLongBlockN > 0) {
-    using LongTraits = FwdKernelTraits<T, kHeadDim, kLongBlockN>;
-    if ((p.window_right < 0 || p.seqlen_k >= kFwdLongTileMinKeys) &&
-        LongTraits::kSmemBytes <= p.max_smem_per_block) {
-      launch_fwd_sm90<LongTraits, false, false>(p, stream);
+  constexpr int kWarpgroups = fwd_plain_consumer_warpgroups(kHeadDim);
+  if constexpr (kWarpgroups != kFwdConsumerWarpgroups) {
+    using Traits = FwdKernelTraits<T, kHeadDim, kWarpgroups>;
+    if ((p.window_right < 0 || p.seqlen_k >= kFwdTallTileMinKeys) &&
+        Traits::kSmemBytes <= p.max_smem_per_block) {
+      launch_fwd_sm90<Traits, false, false>(p, stream);
       return;
     }
   }

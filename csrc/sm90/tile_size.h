@@ -5,10 +5,6 @@
 namespace jax_flash {
 namespace sm90 {
 
-// Query rows per CTA: two consumer warpgroups of 64 rows each (wgmma's M is
-// 64 per warpgroup); every K/V tile in shared memory serves 128 rows.
-constexpr int fwd_block_m(int /*head_dim*/) { return 128; }
-
 // Keys per mainloop step. The score tile is 64 x kBlockN floats per
 // warpgroup (kBlockN / 2 registers a thread) beside the 64 x D output
 // (D / 2 registers): 128 keys up to D = 128, 96 at D = 192 and 80 at D =
@@ -21,22 +17,6 @@ constexpr int fwd_block_m(int /*head_dim*/) { return 128; }
 constexpr int fwd_block_n(int head_dim) {
   return head_dim <= 128 ? 128 : head_dim <= 192 ? 96 : 80;
 }
-
-// Longer K/V tiles for the plain variant (no score modifier, no segment
-// ids) at D = 64: 176 keys; 0 (none) at every other head dim, D = 32 too
-// (not measured there). A D = 64 step's two GEMMs are short, so its fixed
-// costs (the row max and sum across a quad, the pipelines' and the
-// tensor-core turns' barriers) weigh more; 176 keys spread them over 37%
-// more keys. Shared memory then holds two Q buffers and three K/V stages
-// in 165 KB. Measured on an H200 (bf16, 16k tokens; TFLOP/s, 128 -> 176
-// keys): without a mask +0% / +4% / +6% at 1k / 4k / 16k, causal -9% / +2%
-// / +6%, so causal calls take them only from kFwdLongTileMinKeys keys on.
-// The score-modifier and segment variants keep 128 keys: at 176 they spill
-// 288-344 bytes.
-constexpr int fwd_long_block_n(int head_dim) {
-  return head_dim == 64 ? 176 : 0;
-}
-constexpr int kFwdLongTileMinKeys = 4096;
 
 // K and V buffers each: two, so that the TMA of tile n+1 runs under the
 // GEMMs of tile n; three at D = 64, whose shorter GEMMs hide less of a
@@ -67,15 +47,45 @@ constexpr int fwd_q_stages(int head_dim) {
   return fwd_persistent(head_dim) ? 2 : 1;
 }
 
-// Warpgroups: one producer (one thread issues every TMA) and two consumers.
+// Warpgroups: one producer (one thread issues every TMA) and two consumers
+// of 64 query rows each (wgmma's M is 64 per warpgroup), so that every K/V
+// tile in shared memory serves 128 rows.
 constexpr int kFwdConsumerWarpgroups = 2;
-constexpr int kFwdThreads = (kFwdConsumerWarpgroups + 1) * 128;
+constexpr int fwd_threads(int consumer_warpgroups) {
+  return (consumer_warpgroups + 1) * 128;
+}
+
+// Consumer warpgroups of the plain variant (no score modifier, no segment
+// ids): three at D = 64, a 192-row tile. A D = 64 step's two GEMMs are half
+// as long as at D = 128 while its softmax is as long (64 x 128 exponentials
+// a warpgroup), so with two warpgroups taking turns the tensor cores wait
+// for a softmax every step; with three in round robin two softmaxes run
+// under the third's GEMMs, and each K/V tile serves 1.5x the rows.
+// FlashAttention-3 makes the same choice. Measured on an H200 (bf16, 16k
+// tokens; TFLOP/s against two warpgroups with 176-key tiles): without a
+// mask +7% / +12% / +12% at 1k / 4k / 16k, causal -11% / +4% / +7%. Under
+// a bound right of the diagonal (causal) the taller tiles take a larger
+// masked share per diagonal tile and pad more, so there they are used only
+// from kFwdTallTileMinKeys keys on (1k measured slower, 4k faster). The other
+// variants keep two: at 160 registers a thread their masks spill 680-1,424
+// bytes, most of it in the main loop. Two at the other head dims: at D = 96
+// three spill 440 bytes (about 130 spill loads and stores in the main loop),
+// from D = 128 on the accumulators alone would fill the 160 registers, and
+// D = 32 was not measured.
+constexpr int fwd_plain_consumer_warpgroups(int head_dim) {
+  return head_dim == 64 ? 3 : 2;
+}
+constexpr int kFwdTallTileMinKeys = 4096;
 
 // Registers per thread after `setmaxnreg`: the producer gives most of its
-// share to the consumers (24 + 2 x 240 = 504 <= 512 per lane of the SM's
-// 64K registers for 384 threads).
-constexpr int kFwdProducerRegisters = 24;
-constexpr int kFwdConsumerRegisters = 240;
+// share to the consumers (24 + 2 x 240 = 504 and 32 + 3 x 160 = 512, within
+// the 512 a lane has of the SM's 64K registers).
+constexpr int fwd_producer_registers(int consumer_warpgroups) {
+  return consumer_warpgroups == 3 ? 32 : 24;
+}
+constexpr int fwd_consumer_registers(int consumer_warpgroups) {
+  return consumer_warpgroups == 3 ? 160 : 240;
+}
 
 }  // namespace sm90
 }  // namespace jax_flash

@@ -123,8 +123,8 @@ def main() -> None:
       ("alibi+softcap d224 deterministic", 224,
        AttentionConfig(224 ** -0.5, causal=True, softcap=5.0,
                        deterministic=True), alibi),
-      # The sm90 forward's 176-key tiles (D = 64, plain variant, no bound
-      # right of the diagonal), ragged lengths.
+      # The sm90 forward's three consumer warpgroups (D = 64, plain
+      # variant: 192-row tiles), ragged lengths.
       ("lengths d64", 64, AttentionConfig(0.125), lengths),
   ]
   if args.small:  # all but the two D = 128 mask cases above
@@ -145,6 +145,13 @@ def main() -> None:
     _case(2, 2, 600, 300, 32, 8, 128, AttentionConfig(128 ** -0.5),
           MaskArrays(kv_lengths=jnp.asarray([300, 170], jnp.int32)))
     print("ran persistent unmasked d128", flush=True)
+  # The same at D = 64, where the plain variant's three consumer warpgroups
+  # take turns across several tiles per CTA (4 x 32 x 2 = 256 tiles of 192
+  # rows), the first ones without keys.
+  if _built(64):
+    _case(2, 2, 600, 300, 32, 8, 64, AttentionConfig(0.125, causal=True),
+          MaskArrays(kv_lengths=jnp.asarray([300, 170], jnp.int32)))
+    print("ran persistent causal sq>sk d64", flush=True)
   # Short queries: the decoding kernel's forward (unless
   # JAX_FLASH_DECODE_KERNEL=0), split over the keys, 16 and 64 rows per CTA.
   decode_cases = [
