@@ -99,9 +99,9 @@ __device__ __forceinline__ void warpgroup_gemm_issue(Mma& mma,
 }
 
 // Named barriers of the consumer warpgroups (CUTLASS numbering, past its
-// reserved ones): the turns take 0 .. 2 (TensorCoreTurns, one per consumer
-// warpgroup), each warpgroup's epilogue 3 + its index.
-constexpr uint32_t kEpilogueBarrier = 3;
+// reserved ones): with W consumer warpgroups the turns take 0 .. W - 1
+// (TensorCoreTurns, one per warpgroup), each warpgroup's epilogue W + its
+// index.
 
 // Turn-taking of the consumer warpgroups on the tensor cores ("ping-pong",
 // round robin with three): a warpgroup issues its GEMMs only in its turn
@@ -130,8 +130,9 @@ struct TensorCoreTurns {
   }
   __device__ __forceinline__ void pass_turn() const {
     if constexpr (kEnabled) {
-      cutlass::arch::NamedBarrier::arrive(
-          kThreads, warpgroup + 1 == kWarpgroups ? 0 : warpgroup + 1);
+      const int next = kWarpgroups == 2 ? 1 - warpgroup
+                       : warpgroup + 1 == kWarpgroups ? 0 : warpgroup + 1;
+      cutlass::arch::NamedBarrier::arrive(kThreads, next);
     }
   }
   // After the last tile: warpgroup 0 takes the turn the last warpgroup
@@ -554,7 +555,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     constexpr int kWarpgroupRows = kBlockM / Traits::kConsumerWarpgroups;
     const int first_row =
         get<0>(out_rc(0, 0)) / kWarpgroupRows * kWarpgroupRows;
-    cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + warpgroup - 1);
+    cutlass::arch::NamedBarrier::sync(
+        128, Traits::kConsumerWarpgroups + warpgroup - 1);
     {
       constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
       T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
