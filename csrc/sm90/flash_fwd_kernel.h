@@ -2,12 +2,11 @@
 // specialization), persistent with a dynamic tile scheduler up to D = 128.
 //
 // Work tiles are (query tile of 64 rows per consumer warpgroup, head,
-// batch row) in the order of
-// FwdTile::make: within a head the query tiles from the last one down,
-// then the next head; under a causal mask (or any bound right of the
-// diagonal) the heads go in sections of about one GPU's worth of tiles, each
-// section's query tiles from the last one down over all its heads, so that
-// the longest run first. Persistent
+// batch row) in the order of FwdTile::make: within a head the query tiles
+// from the last one down, then the next head; under a causal mask (or any
+// bound right of the diagonal) the heads go in sections of about one GPU's
+// worth of tiles, each section's query tiles from the last one down over
+// all its heads, so that the longest run first. Persistent
 // (Traits::kPersistent, D <= 128): one CTA per SM; a CTA starts with tile
 // blockIdx.x and then takes the next unclaimed tile from a counter in
 // global memory (one atomicAdd per tile), so the tiles in flight stay a
@@ -98,17 +97,14 @@ __device__ __forceinline__ void warpgroup_gemm_issue(Mma& mma,
   }
 }
 
-// Named barriers of the consumer warpgroups (CUTLASS numbering, past its
-// reserved ones): with W consumer warpgroups the turns take 0 .. W - 1
-// (TensorCoreTurns, one per warpgroup), each warpgroup's epilogue W + its
-// index.
-
 // Turn-taking of the consumer warpgroups on the tensor cores ("ping-pong",
 // round robin with three): a warpgroup issues its GEMMs only in its turn
 // and hands the turn to the next one once they are issued, so that one
 // warpgroup's softmax runs while another's GEMMs occupy the tensor cores.
 // One named barrier per warpgroup, each completed by 128 threads waiting
-// (its warpgroup) and 128 arriving (the one before it).
+// (its warpgroup) and 128 arriving (the one before it). Named barriers in
+// CUTLASS numbering, past its reserved ones: with W consumer warpgroups the
+// turns take 0 .. W - 1, each warpgroup's epilogue W + its index.
 template <bool kEnabled, int kWarpgroups>
 struct TensorCoreTurns {
   static_assert(kWarpgroups == 2 || kWarpgroups == 3, "two or three");
