@@ -105,10 +105,11 @@ def test_more_work_tiles_than_multiprocessors(options, parts):
 def test_head_dim_64_three_warpgroup_tiles(options, parts, sk):
   """On Hopper the D = 64 forward's plain variant runs 192-row query tiles
   on three consumer warpgroups (csrc/sm90/tile_size.h), under a causal mask
-  only from 4,096 keys on (two warpgroups below): Sq = 300 is one whole
-  tile and one whose third warpgroup has no row inside the sequence, a
-  causal diagonal across the tiles with Sq < Sk, a partial last K/V tile,
-  lengths that end inside a tile."""
+  only from 4,096 keys on (two warpgroups below). The first query tile is
+  the partial one: Sq = 300 pads it with 84 rows before row 0, so its first
+  warpgroup has no row inside the sequence. A causal diagonal across the
+  tiles with Sq < Sk, a partial last K/V tile, lengths that end inside a
+  tile."""
   rng = np.random.default_rng(29)
   q, k, v = _inputs(29, 2, 300, sk, 4, 2, 64)
   masks = make_masks(rng, 2, 300, sk, 4, **parts)

@@ -6,7 +6,9 @@
 // from the last one down, then the next head; under a causal mask (or any
 // bound right of the diagonal) the heads go in sections of about one GPU's
 // worth of tiles, each section's query tiles from the last one down over
-// all its heads, so that the longest run first. Persistent
+// all its heads, so that the longest run first. With 192-row tiles the
+// first query tile of a head is the partial one (kPadFirstTile in the
+// traits: its padding rows come before row 0). Persistent
 // (Traits::kPersistent, D <= 128): one CTA per SM; a CTA starts with tile
 // blockIdx.x and then takes the next unclaimed tile from a counter in
 // global memory (one atomicAdd per tile), so the tiles in flight stay a
@@ -146,20 +148,23 @@ struct TensorCoreTurns {
 // index: its place, its batch row's mask and the K/V tiles [n_lo(), n_hi()]
 // holding the keys [key_lo, key_hi) some of its rows see. The producer must
 // load exactly the K/V tiles the consumers compute, so both take them here.
+// m_shift: the first query tile's first row, 0 or (Traits::kPadFirstTile)
+// negative.
 template <int kBlockM, int kBlockN>
 struct WorkTile {
   FwdTile w;
-  int m0;  // first query row
+  int m0;  // first query row (negative rows are padding)
   AttentionMask mask;
   int key_lo, key_hi;
 
   __device__ __forceinline__ static WorkTile make(const FwdParams& p,
                                                   int tile, int num_m_blocks,
-                                                  int section_rows) {
+                                                  int section_rows,
+                                                  int m_shift) {
     WorkTile t;
     t.w = FwdTile::make(tile, num_m_blocks, p.num_heads, p.batch,
                         section_rows);
-    t.m0 = t.w.m_block * kBlockM;
+    t.m0 = t.w.m_block * kBlockM + m_shift;
     t.mask = AttentionMask::make(p, t.w.b);
     t.key_lo = t.mask.key_begin(t.m0);
     t.key_hi = t.mask.key_end(t.m0 + kBlockM);
@@ -170,14 +175,18 @@ struct WorkTile {
   __device__ __forceinline__ int n_hi() const { return (key_hi - 1) / kBlockN; }
 };
 
-// Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h): the
-// tile sees no key.
+// Out = 0 and lse = -inf for query rows [m0, m0 + kBlockM) of (b, h) from
+// row 0 on: the tile sees no key.
 template <typename Traits>
 __device__ void write_empty_tile(const FwdParams& p, int b, int h, int m0,
                                  int tid, int num_threads) {
   using T = typename Traits::T;
   constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks per row
-  const int rows = min(Traits::kBlockM, p.seqlen_q - m0);
+  int rows = min(Traits::kBlockM, p.seqlen_q - m0);
+  if constexpr (Traits::kPadFirstTile) {
+    rows -= max(0, -m0);
+    m0 = max(0, m0);
+  }
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride +
            h * p.out_head_stride + static_cast<int64_t>(m0) * p.out_row_stride;
   for (int c = tid; c < rows * kChunks; c += num_threads) {
@@ -216,6 +225,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
   // their K/V reads in L2 (sections measured 4% slower at full 1k, D = 128).
   const int section_rows =
       p.window_right >= 0 ? fwd_section_rows(num_m_blocks, p.num_sms) : 1;
+  static_assert(!(Traits::kPadFirstTile && kSegments),
+                "padding rows would index the query segment ids");
+  const int m_shift =
+      Traits::kPadFirstTile ? p.seqlen_q - num_m_blocks * kBlockM : 0;
   // Warp-uniform (a shuffle from lane 0): kept in a uniform register, where
   // threadIdx.x / 128 is re-read from the special register at every use
   // under register pressure.
@@ -286,7 +299,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       }
       smem.tile[qs] = tile;  // published by the arrival on q_full (release)
       const auto t = WorkTile<kBlockM, kBlockN>::make(p, tile, num_m_blocks,
-                                                      section_rows);
+                                                      section_rows, m_shift);
       const FwdTile w = t.w;
       if (!t.has_keys()) {  // no key to load; the consumers write zeros
         smem.q_full[qs].arrive();
@@ -294,9 +307,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
         continue;
       }
       const int kv_h = w.h / (p.num_heads / p.num_heads_kv);
-      Tensor gQ = local_tile(mQ(_, _, w.h, w.b),
-                             Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                             make_coord(w.m_block, _0{}));
+      // Rows from m_shift on (TMA fills the padding rows before row 0 and
+      // past the end with zeros).
+      Tensor gQ = local_tile(
+          domain_offset(make_coord(m_shift, _0{}), mQ(_, _, w.h, w.b)),
+          Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(w.m_block, _0{}));
       Tensor gK = local_tile(mK(_, _, kv_h, w.b),
                              Shape<Int<kBlockN>, Int<kHeadDim>>{},
                              make_coord(_, _0{}));  // (N, D, n)
@@ -381,7 +396,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
     const int tile = smem.tile[qs];
     if (tile == kNoTile) break;
     const auto t = WorkTile<kBlockM, kBlockN>::make(p, tile, num_m_blocks,
-                                                    section_rows);
+                                                    section_rows, m_shift);
     const FwdTile w = t.w;
     const int m0 = t.m0;
     const AttentionMask mask = t.mask;
@@ -533,7 +548,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       const float scale = live ? inv_sum[r] : 0.f;
 #pragma unroll
       for (int c = 0; c < size<1>(o_rc); ++c) o_rc(r, c) *= scale;
-      if (tid % 4 == 0 && i < p.seqlen_q) {
+      if (tid % 4 == 0 && i < p.seqlen_q &&
+          (!Traits::kPadFirstTile || i >= 0)) {
         lse_out[i] = live ? lse[r] : -INFINITY;
       }
     }
@@ -558,11 +574,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> params) {
       T* out = static_cast<T*>(p.out) + w.b * p.out_batch_stride +
                w.h * p.out_head_stride;
       const int rows = min(kWarpgroupRows, p.seqlen_q - (m0 + first_row));
+      const int padding_rows =
+          Traits::kPadFirstTile ? max(0, -(m0 + first_row)) : 0;
 #pragma unroll
       for (int k = tid % 128; k < kWarpgroupRows * kChunks; k += 128) {
         const int row = k / kChunks;
         const int col = (k % kChunks) * 8;
-        if (row < rows) {
+        if (row < rows && (!Traits::kPadFirstTile || row >= padding_rows)) {
           *reinterpret_cast<uint4*>(
               out + static_cast<int64_t>(m0 + first_row + row) *
                         p.out_row_stride + col) =

@@ -38,6 +38,11 @@ struct FwdKernelTraits {
   static constexpr bool kPingPong = fwd_ping_pong(kHeadDim);
   static constexpr bool kPersistent = fwd_persistent(kHeadDim);
   static constexpr int kQStages = fwd_q_stages(kHeadDim);
+  // Query tiles start at seqlen_q - num_m_blocks * kBlockM (< 0: the first
+  // tile is the partial one) rather than at 0, for 192-row tiles: sequence
+  // lengths are mostly multiples of 128 but not of 192, and under a causal
+  // mask the first rows see the fewest keys, so their padding costs least.
+  static constexpr bool kPadFirstTile = kBlockM % 128 != 0;
   static constexpr int kConsumerThreads = kConsumerWarpgroups * 128;
   static constexpr int kThreads = fwd_threads(kConsumerWarpgroups);
   static constexpr int kProducerRegisters =

@@ -63,10 +63,13 @@ constexpr int fwd_threads(int consumer_warpgroups) {
 // under the third's GEMMs, and each K/V tile serves 1.5x the rows.
 // FlashAttention-3 makes the same choice. Measured on an H200 (bf16, 16k
 // tokens; TFLOP/s against two warpgroups with 176-key tiles): without a
-// mask +7% / +12% / +12% at 1k / 4k / 16k, causal -11% / +4% / +7%. Under
-// a bound right of the diagonal (causal) the taller tiles take a larger
-// masked share per diagonal tile and pad more, so there they are used only
-// from kFwdTallTileMinKeys keys on (1k measured slower, 4k faster). The other
+// mask +7% / +12% / +12% at 1k / 4k / 16k, causal -11% / +4% / +7% with
+// the last query tile padded; with the first one padded instead
+// (FwdKernelTraits::kPadFirstTile) causal 4k gained 2-3% more and causal 1k
+// was still 3-4% slower than two warpgroups (a larger masked share per
+// diagonal tile, a third fewer tiles to balance). So under a bound right
+// of the diagonal (causal) they are used only from kFwdTallTileMinKeys keys
+// on. The other
 // variants keep two: at 160 registers a thread their masks spill 680-1,424
 // bytes, most of it in the main loop. Two at the other head dims: at D = 96
 // three spill 440 bytes (about 130 spill loads and stores in the main loop),
