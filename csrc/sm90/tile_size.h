@@ -69,12 +69,11 @@ constexpr int fwd_threads(int consumer_warpgroups) {
 // was still 3-4% slower than two warpgroups (a larger masked share per
 // diagonal tile, a third fewer tiles to balance). So under a bound right
 // of the diagonal (causal) they are used only from kFwdTallTileMinKeys keys
-// on. The other
-// variants keep two: at 160 registers a thread their masks spill 680-1,424
-// bytes, most of it in the main loop. Two at the other head dims: at D = 96
-// three spill 440 bytes (about 130 spill loads and stores in the main loop),
-// from D = 128 on the accumulators alone would fill the 160 registers, and
-// D = 32 was not measured.
+// on. The other variants keep two: at 160 registers a thread their masks
+// spill 680-1,424 bytes, most of it in the main loop. Two at the other head
+// dims: at D = 96 three spill 440 bytes (about 130 spill loads and stores
+// in the main loop), from D = 128 on the accumulators alone would fill the
+// 160 registers, and D = 32 was not measured.
 constexpr int fwd_plain_consumer_warpgroups(int head_dim) {
   return head_dim == 64 ? 3 : 2;
 }
