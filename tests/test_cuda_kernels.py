@@ -209,6 +209,7 @@ def test_deterministic_gradients_are_bitwise_equal():
     (dict(window_left=100, window_right=20), {}),
     (dict(causal=True), dict(segments=True, lengths=True)),
     (dict(softcap=5.0), dict(alibi=True)),
+    ({}, dict(segments=True, lengths=True)),
 ])
 def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
                                              parts):
@@ -216,7 +217,9 @@ def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
   tiles that see it (csrc/common/dq_order.h), and every mask changes which
   tiles those are: each case holds to the rule (dalibi too) and a second
   run is bitwise equal. Several key and query tiles, GQA 4:1, a query
-  shorter than the keys; both archs where built (sm80 elsewhere)."""
+  shorter than the keys; both archs where built (sm80 elsewhere). Masks
+  without a window take the cyclic order on sm90 (lengths: fewer key and
+  query tiles per row than the grid's)."""
   monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", arch)
   rng = np.random.default_rng(17)
   q, k, v = _inputs(17, 2, 300, 700, 8, 2, 128)
@@ -224,6 +227,23 @@ def test_deterministic_mode_under_every_mask(monkeypatch, arch, options,
   config = _config(128, deterministic=True, **options)
   check_against_reference(cuda.attention, q, k, v, config, masks)
   _assert_gradients_repeat_bitwise(q, k, v, config, masks)
+
+
+@pytest.mark.parametrize("options", [{}, dict(causal=True)])
+def test_deterministic_mode_with_more_key_tiles_than_half_the_gpu(
+    monkeypatch, options):
+  """The sm90 backward's cyclic dQ order and its key tiles in launch order
+  need every key tile CTA of a (batch row, K/V head) resident at once (the
+  launch asks for room for two such groups); with more key tiles the launch
+  keeps the descending order. Keys for a few 128-key tiles more than half
+  the multiprocessors, a short query."""
+  monkeypatch.setenv("JAX_FLASH_FORCE_ARCH", "sm90")
+  sms = getattr(jax.devices()[0], "core_count", None) or 144
+  seqlen_k = 128 * (sms // 2 + 3) + 5
+  q, k, v = _inputs(29, 1, 70, seqlen_k, 2, 1, 128)
+  config = _config(128, deterministic=True, **options)
+  check_against_reference(cuda.attention, q, k, v, config)
+  _assert_gradients_repeat_bitwise(q, k, v, config)
 
 
 @pytest.mark.parametrize("arch", ["sm90", "sm80"])

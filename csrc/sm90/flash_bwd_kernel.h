@@ -2,7 +2,10 @@
 //
 // One CTA per (key tile of 128 keys, kv head, batch row), walking the query
 // tiles of 64 rows that see the keys, for every query head of the GQA group
-// (dK and dV summed over them in registers). Three warpgroups:
+// (dK and dV summed over them in registers); the walk starts at the first
+// such tile, or, in deterministic mode's cyclic order, at one staggered by
+// key tile and wraps around (QueryWalk, common/dq_order.h). Three
+// warpgroups:
 //   producer (warpgroup 0): one thread loads K and V once and, through an
 //     mbarrier pipeline of two stages, each step's Q and dO tiles (TMA) and
 //     its rows' (lse log2 e, delta) (one bulk copy from the preprocess's
@@ -64,6 +67,10 @@ struct BwdKernelParams {
   typename Traits::TmaQ tma_do;
   typename Traits::TmaK tma_k;
   typename Traits::TmaK tma_v;
+  // Deterministic mode: the launch found that all key tile CTAs of one
+  // (batch row, K/V head) can be resident at once, which lets them run in
+  // grid order and the dQ order be cyclic (common/dq_order.h).
+  bool dq_tiles_resident;
 };
 
 // Named barriers (ids past those TensorCoreTurns uses).
@@ -115,6 +122,26 @@ __device__ __forceinline__ void dq_semaphore_signal(int* sem, int value) {
                :: "l"(sem), "r"(value) : "memory");
 }
 
+// The (query head, query tile) a key tile's CTA visits at one step. Steps
+// walk the group's query heads in turn; per head the query tiles
+// [m0_first, m0_end) from m0_start, wrapping from m0_end to m0_first, the
+// head done when the walk is back at m0_start (common/dq_order.h: m0_start
+// is m0_first except in the cyclic order). Rows, not tile indices.
+struct QueryWalk {
+  int m0_first, m0_end, m0_start;
+  int h, m0;  // this step's
+
+  __device__ __forceinline__ static QueryWalk make(int h, int m0_first,
+                                                   int m0_end, int m0_start) {
+    return {m0_first, m0_end, m0_start, h, m0_start};
+  }
+  __device__ __forceinline__ void advance(int block_m) {
+    m0 += block_m;
+    if (m0 >= m0_end) m0 = m0_first;
+    if (m0 == m0_start) ++h;
+  }
+};
+
 // The dQ writer (one warp of the producer warpgroup): per step, as each
 // consumer warpgroup hands over its staged half of the float32 dQ tile, adds
 // it to the workspace with one bulk reduction, and hands the half back once
@@ -123,33 +150,36 @@ __device__ __forceinline__ void dq_semaphore_signal(int* sem, int value) {
 // sums (dalibi_in_order: smem.alibi_rows, staged by consumer warpgroup 0
 // with its dQ half) and passes the turn on once its additions have
 // completed.
-// Steps run over the group's query heads and, per head, the query tiles
-// [m0_first, m0_end), as the consumers' do.
+// Its steps follow `walk` from the CTA's first step, as the producer's and
+// the consumers' do; in deterministic mode the semaphore values follow the
+// walk's order (`cyclic`, common/dq_order.h).
 template <typename Traits>
 __device__ __forceinline__ void write_dq(
     const BwdParams& p, const BwdScratch& scratch,
     typename Traits::SharedStorage& smem, const AttentionMask& mask, int b,
-    int h_kv, int n_block, int num_n_blocks, int m0_first, int m0_end,
-    bool dalibi_in_order) {
+    int n_block, int num_n_blocks, bool cyclic, QueryWalk walk,
+    int num_steps, bool dalibi_in_order) {
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr uint32_t kHalfBytes = kBlockM * (kHeadDim / 2) * 4;
   const int lane = threadIdx.x % 32;
-  const int group = p.num_heads / p.num_heads_kv;
   const int num_m_blocks = ceil_div(p.seqlen_q, kBlockM);
   const int64_t stats_pitch = row_stats_pitch(p.seqlen_q);
-  const int num_steps = group * ((m0_end - m0_first) / kBlockM);
-  int h = h_kv * group, m0 = m0_first;
   for (int step = 0; step < num_steps; ++step) {
+    const int h = walk.h, m0 = walk.m0;
     const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
     float* dq_accum_tile = scratch.dq_accum + (bh * stats_pitch + m0) * kHeadDim;
     int* sem = p.deterministic
         ? scratch.dq_semaphore + bh * num_m_blocks + m0 / kBlockM : nullptr;
     auto wait_turn = [&]() __attribute__((always_inline)) {
       if (p.deterministic && lane == 0) {
+        const int m = m0 / kBlockM;
         dq_semaphore_wait(
-            sem, dq_order_ready_value(mask, n_block, num_n_blocks,
-                                      Traits::kBlockN, kBlockM, m0 / kBlockM));
+            sem, cyclic ? dq_order_cyclic_ready_value(mask, n_block,
+                                                      Traits::kBlockN,
+                                                      kBlockM, m)
+                        : dq_order_ready_value(mask, n_block, num_n_blocks,
+                                               Traits::kBlockN, kBlockM, m));
       }
       __syncwarp();
     };
@@ -203,11 +233,7 @@ __device__ __forceinline__ void write_dq(
                                             kBarrierDqEmpty + 1);
       }
     }
-    m0 += kBlockM;
-    if (m0 >= m0_end) {
-      m0 = m0_first;
-      ++h;
-    }
+    walk.advance(kBlockM);
   }
   if (lane == 0) bulk_wait_all();
 }
@@ -230,8 +256,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   const BwdScratch& scratch = params.scratch;
 
   const int num_n_blocks = gridDim.x;
-  const int n_block =
-      dq_order_key_tile(blockIdx.x, num_n_blocks, p.deterministic);
+  const int n_block = dq_order_key_tile(
+      blockIdx.x, num_n_blocks, p.deterministic && !params.dq_tiles_resident);
   const int h_kv = blockIdx.y;
   const int b = blockIdx.z;
   const int n0 = n_block * kBlockN;
@@ -283,23 +309,21 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
   Tensor sDsT = make_tensor(make_smem_ptr(smem.ds.data()),
                             typename Traits::SmemLayoutDsT{});
 
-  const int m0_first = m_begin * kBlockM, m0_end = m_end * kBlockM;
   // Steps walk the group's query heads in turn, each over query tiles
-  // [m_begin, m_end): (h, m0) of the next step.
-  auto advance = [&](int& h, int& m0) {
-    m0 += kBlockM;
-    if (m0 >= m0_end) {
-      m0 = m0_first;
-      ++h;
-    }
-  };
+  // [m_begin, m_end) from the one the dQ order starts this key tile at.
+  const bool cyclic =
+      p.deterministic && dq_order_cyclic(mask, params.dq_tiles_resident);
+  const int m_start = dq_order_first_tile(mask, cyclic, n_block, kBlockN,
+                                          m_begin, m_end);
+  const QueryWalk first_step = QueryWalk::make(
+      h_kv * group, m_begin * kBlockM, m_end * kBlockM, m_start * kBlockM);
 
   if (warpgroup == 0) {
     // ---- producer ----
     cutlass::arch::warpgroup_reg_dealloc<kBwdProducerRegisters>();
     if (__shfl_sync(0xffffffffu, threadIdx.x / 32, 0) == kDqWriterWarp) {
-      write_dq<Traits>(p, scratch, smem, mask, b, h_kv, n_block,
-                       num_n_blocks, m0_first, m0_end,
+      write_dq<Traits>(p, scratch, smem, mask, b, n_block, num_n_blocks,
+                       cyclic, first_step, num_steps,
                        kScoreMod && p.dalibi != nullptr && p.deterministic);
       return;
     }
@@ -327,8 +351,9 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
 
     const int64_t stats_pitch = row_stats_pitch(p.seqlen_q);
     auto write = cutlass::make_producer_start_state<Pipeline>();
-    int h = h_kv * group, m0 = m0_first;
+    QueryWalk walk = first_step;
     for (int step = 0; step < num_steps; ++step) {
+      const int h = walk.h, m0 = walk.m0;
       Tensor gQ = local_tile(mQ(_, _, h, b), TileQ{},
                              make_coord(m0 / kBlockM, _0{}));
       Tensor gdO = local_tile(mdO(_, _, h, b), TileQ{},
@@ -349,7 +374,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
                                &smem.stats[write.index()][0],
                                Traits::kStatsBytes);
       ++write;
-      advance(h, m0);
+      walk.advance(kBlockM);
     }
     return;
   }
@@ -429,9 +454,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
 
   smem.kv_full.wait(0);
   typename Pipeline::PipelineState read;
-  int h = h_kv * group, m0 = m0_first;
+  QueryWalk walk = first_step;
   constexpr int kHalfD = kHeadDim / 2;  // dQ columns of each warpgroup
   for (int step = 0; step < num_steps; ++step) {
+    const int h = walk.h, m0 = walk.m0;
     const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
     const int stage = read.index();
     const int ds_buffer = step % 2;
@@ -698,7 +724,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> params) {
     release = read;
     release_pending = !Traits::kSplitD;  // split-D released it already
     ++read;
-    advance(h, m0);
+    walk.advance(kBlockM);
   }
   warpgroup_wait<0>();
   release_previous();

@@ -22,7 +22,8 @@ namespace sm90 {
 
 template <typename Traits>
 BwdKernelParams<Traits> make_bwd_kernel_params(const BwdParams& p,
-                                               const BwdScratch& scratch) {
+                                               const BwdScratch& scratch,
+                                               bool dq_tiles_resident) {
   using namespace cute;
   using Element = typename Traits::Element;
   using TileQ = Shape<Int<Traits::kBlockM>, Int<Traits::kHeadDim>>;
@@ -46,7 +47,8 @@ BwdKernelParams<Traits> make_bwd_kernel_params(const BwdParams& p,
           make_tma_copy(SM90_TMA_LOAD{}, q, q_layout, TileQ{}, _1{}),
           make_tma_copy(SM90_TMA_LOAD{}, dout, q_layout, TileQ{}, _1{}),
           make_tma_copy(SM90_TMA_LOAD{}, k, k_layout, TileK{}, _1{}),
-          make_tma_copy(SM90_TMA_LOAD{}, v, k_layout, TileK{}, _1{})};
+          make_tma_copy(SM90_TMA_LOAD{}, v, k_layout, TileK{}, _1{}),
+          dq_tiles_resident};
 }
 
 template <typename Traits>
@@ -77,11 +79,26 @@ int run_bwd_sm90(const BwdParams& p, cudaStream_t stream) {
     // Key tiles vary fastest: CTAs running side by side read the same
     // heads' Q and dO (L2 reuse), and under a causal mask the low key
     // tiles, which see the most queries, start first. In deterministic mode
-    // the key tiles run in reverse (common/dq_order.h): the CTA of key tile
-    // n waits only for higher tiles of the same head, which started earlier.
+    // (common/dq_order.h) that order needs every key tile CTA of one
+    // (b, h_kv) resident at once, as CTAs wait for tiles launched after
+    // them; then masks without a window take the cyclic order. The launch
+    // asks for twice a group's CTAs: two such launches on two streams then
+    // cannot fill the GPU with partial groups that wait on each other.
+    // Otherwise the key tiles run in reverse: the CTA of key tile n waits
+    // only for higher tiles of the same head, which started earlier.
+    bool dq_tiles_resident = false;
+    if (p.deterministic) {
+      int per_sm = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+              &per_sm, kernel, Traits::kThreads, kSmem) != cudaSuccess) {
+        per_sm = 0;  // the reverse order, which needs no residency
+        (void)cudaGetLastError();  // not the launch's error
+      }
+      dq_tiles_resident = 2 * num_n_blocks <= per_sm * p.num_sms;
+    }
     const dim3 grid(num_n_blocks, p.num_heads_kv, p.batch);
     kernel<<<grid, Traits::kThreads, kSmem, stream>>>(
-        make_bwd_kernel_params<Traits>(p, scratch));
+        make_bwd_kernel_params<Traits>(p, scratch, dq_tiles_resident));
     if (cudaPeekAtLastError() != cudaSuccess) return 0;
   }
 
